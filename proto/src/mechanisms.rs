@@ -1,0 +1,86 @@
+//! Names that give meaning to [`Mechanism`](crate::connection::Mechanism)
+//! fields, as NSM spells them (networkservicemesh/api,
+//! `pkg/api/networkservice/mechanisms/...` and `payload`).
+//!
+//! `Mechanism.parameters` is a string map, so a misspelt key is not a
+//! compile error but a silent interoperability bug with NSM's Go components.
+//! Every crate uses these constants instead of string literals.
+
+/// `Mechanism.cls` values.
+pub mod cls {
+    /// Between a pod (client or endpoint) and the forwarder of its node.
+    pub const LOCAL: &str = "LOCAL";
+    /// Between two forwarders, usually on different nodes.
+    pub const REMOTE: &str = "REMOTE";
+}
+
+/// `Connection.payload` and `NetworkService.payload` values.
+pub mod payload {
+    /// IP packets (a TUN device on the pod side).
+    pub const IP: &str = "IP";
+    /// Ethernet frames (a TAP device on the pod side).
+    pub const ETHERNET: &str = "ETHERNET";
+}
+
+/// `Mechanism.type` of a kernel interface in the pod (`cls` LOCAL).
+pub const KERNEL: &str = "KERNEL";
+/// `Mechanism.type` of a WireGuard tunnel between forwarders (`cls` REMOTE).
+pub const WIREGUARD: &str = "WIREGUARD";
+/// `Mechanism.type` of a VXLAN tunnel between forwarders (`cls` REMOTE,
+/// ETHERNET payload). Listed so that we recognise it in NSM peers'
+/// preferences; nsm-rs does not offer it.
+pub const VXLAN: &str = "VXLAN";
+
+/// Parameter keys of the KERNEL mechanism.
+pub mod kernel {
+    /// Interface name inside the pod's namespace, at most
+    /// [`IFNAME_MAX_LEN`] bytes.
+    pub const NAME: &str = "name";
+    /// The pod's network namespace as a URL: `file:///proc/PID/ns/net`, or
+    /// `inode://DEV/INO` when the file descriptor is passed over the socket.
+    pub const INODE_URL: &str = "inodeURL";
+    /// Inode number of the pod's network namespace, in decimal.
+    pub const NETNS_INODE: &str = "netnsInode";
+    /// Linux limit on interface names (IFNAMSIZ - 1), in bytes.
+    pub const IFNAME_MAX_LEN: usize = 15;
+}
+
+/// Parameter keys of the WIREGUARD mechanism. "src" is the client's side
+/// of the connection, "dst" the endpoint's; each forwarder fills its own
+/// side while the request passes through it.
+pub mod wireguard {
+    /// Underlay IP of the client-side forwarder.
+    pub const SRC_IP: &str = "src_ip";
+    /// Underlay IP of the endpoint-side forwarder.
+    pub const DST_IP: &str = "dst_ip";
+    /// WireGuard UDP port of the client-side forwarder, in decimal.
+    pub const SRC_PORT: &str = "src_port";
+    /// WireGuard UDP port of the endpoint-side forwarder, in decimal.
+    pub const DST_PORT: &str = "dst_port";
+    /// Client-side public key, base64.
+    pub const SRC_PUBLIC_KEY: &str = "src_public_key";
+    /// Endpoint-side public key, base64.
+    pub const DST_PUBLIC_KEY: &str = "dst_public_key";
+    /// MTU of the tunnelled connection, in bytes, in decimal.
+    pub const MTU: &str = "MTU";
+
+    /// UDP port a WireGuard forwarder listens on unless configured otherwise
+    /// (the port NSM and wg-quick use).
+    pub const DEFAULT_PORT: u16 = 51820;
+    /// Bytes WireGuard adds to each packet over an IPv4 underlay: IPv4 (20) +
+    /// UDP (8) + WireGuard data header (16) + Poly1305 tag (16).
+    pub const OVERHEAD_IPV4: u32 = 60;
+    /// Bytes WireGuard adds to each packet over an IPv6 underlay: as
+    /// [`OVERHEAD_IPV4`] with a 40-byte IPv6 header.
+    pub const OVERHEAD_IPV6: u32 = 80;
+}
+
+/// Parameter keys of the VXLAN mechanism, for reading NSM peers' requests.
+pub mod vxlan {
+    /// Underlay IP of the client-side forwarder.
+    pub const SRC_IP: &str = "src_ip";
+    /// Underlay IP of the endpoint-side forwarder.
+    pub const DST_IP: &str = "dst_ip";
+    /// VXLAN network identifier, in decimal.
+    pub const VNI: &str = "vni";
+}

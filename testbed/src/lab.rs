@@ -1,0 +1,1223 @@
+//! A running lab: namespaces, links, addresses and processes.
+//!
+//! Naming is the contract that makes teardown reliable: every namespace of
+//! lab `L` is called `nsmtb_L` (the underlay) or `nsmtb_L_MEMBER`. Lab names
+//! never contain `_`, so the prefix `nsmtb_L_` belongs to exactly one lab,
+//! and [`teardown`] can find everything a lab made from its name alone, even
+//! after the process that built it crashed and its state directory is gone.
+//! Links are only ever created inside the lab's namespaces (never in the
+//! root namespace), so deleting the namespaces deletes every link.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::mesh::{self, RequestedConnection};
+use crate::sys::{self, CmdError, ip, ip_in, sysctl_in};
+use crate::topology::{Plan, Topology, TopologyError};
+
+/// The prefix of every namespace the testbed makes.
+pub const NETNS_PREFIX: &str = "nsmtb_";
+/// The underlay bridge inside the underlay namespace.
+const UNDERLAY_BRIDGE: &str = "br0";
+/// The pods' bridge inside each node.
+const POD_BRIDGE: &str = "pods";
+/// The default root of lab state directories (sockets, logs, topology copy).
+pub const DEFAULT_STATE_ROOT: &str = "/run/nsm-testbed";
+/// How long `down` waits for processes to exit after SIGTERM before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(3);
+
+/// Something went wrong building, using or removing a lab.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// The topology is not usable.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// Not root.
+    #[error(
+        "nsm-testbed needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) to make namespaces; run it as root"
+    )]
+    NotRoot,
+    /// A lab of that name exists already.
+    #[error(
+        "lab `{0}` is already up (or left over from a crash): run `nsm-testbed down {0}` first"
+    )]
+    Exists(String),
+    /// No lab of that name.
+    #[error("no lab named `{0}` is up")]
+    NotFound(String),
+    /// Several labs are up and none was named.
+    #[error("several labs are up ({0}): name one with --lab")]
+    Ambiguous(String),
+    /// No such node or pod in the lab.
+    #[error("lab `{lab}` has no node or pod named `{name}`")]
+    NoMember {
+        /// Lab name.
+        lab: String,
+        /// What was asked for.
+        name: String,
+    },
+    /// A step of building or removing the lab failed.
+    #[error("lab `{lab}`: {step}: {source}")]
+    Step {
+        /// Lab name.
+        lab: String,
+        /// The step, e.g. `node node-1: underlay link`.
+        step: String,
+        /// The failing command.
+        #[source]
+        source: CmdError,
+    },
+    /// A file of the lab's state directory.
+    #[error("lab `{lab}`: {path}: {source}")]
+    Io {
+        /// Lab name.
+        lab: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A pod's connection request failed.
+    #[error("lab `{lab}`: pod {pod}: request for {service} failed: {detail}")]
+    Request {
+        /// Lab name.
+        lab: String,
+        /// The client pod.
+        pod: String,
+        /// The service asked for.
+        service: String,
+        /// The manager's answer.
+        detail: String,
+    },
+    /// A mesh process or `run` command died right after start.
+    #[error("lab `{lab}`: {what} exited right after start ({status}); see {log}")]
+    Died {
+        /// Lab name.
+        lab: String,
+        /// Which process.
+        what: String,
+        /// Its exit status.
+        status: String,
+        /// Its log file.
+        log: String,
+    },
+}
+
+/// Where labs keep their state and how `up` reports progress.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Root of the per-lab state directories (default `/run/nsm-testbed`,
+    /// or `$NSM_TESTBED_DIR`).
+    pub state_root: PathBuf,
+    /// Print a line per step on stderr.
+    pub progress: bool,
+    /// Start the mesh programs (forwarder, manager, endpoints) that are
+    /// built; `false` builds the namespaces and the networks only.
+    pub mesh: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            state_root: std::env::var_os("NSM_TESTBED_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT)),
+            progress: false,
+            mesh: true,
+        }
+    }
+}
+
+/// The namespace of a lab's underlay (`member = None`) or of one of its members.
+pub fn netns_name(lab: &str, member: Option<&str>) -> String {
+    match member {
+        None => format!("{NETNS_PREFIX}{lab}"),
+        Some(m) => format!("{NETNS_PREFIX}{lab}_{m}"),
+    }
+}
+
+/// Whether a namespace belongs to lab `lab`.
+fn belongs_to(netns: &str, lab: &str) -> bool {
+    let own = netns_name(lab, None);
+    netns == own
+        || netns
+            .strip_prefix(&own)
+            .is_some_and(|rest| rest.starts_with('_'))
+}
+
+/// The lab a testbed namespace belongs to.
+fn lab_of(netns: &str) -> Option<&str> {
+    let rest = netns.strip_prefix(NETNS_PREFIX)?;
+    Some(rest.split('_').next().unwrap_or(rest))
+}
+
+/// A process the lab started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    /// The node or pod it runs in.
+    pub member: String,
+    /// What it is: `nsm-manager`, `nsm-forwarder`, `run`.
+    pub program: String,
+    /// Its pid.
+    pub pid: i32,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// What `state.json` holds besides the topology copy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    processes: Vec<ProcessRecord>,
+    missing_binaries: Vec<String>,
+    #[serde(default)]
+    connections: Vec<RequestedConnection>,
+}
+
+/// A lab that is up. Dropping it tears it down unless [`Lab::detach`] was
+/// called, so a test that panics midway still leaves nothing behind.
+#[derive(Debug)]
+pub struct Lab {
+    topology: Topology,
+    plan: Plan,
+    dir: PathBuf,
+    opts: Options,
+    state: State,
+    children: Vec<Child>,
+    detached: bool,
+}
+
+/// The mesh programs: per node (in start order), and per endpoint pod.
+pub const MESH_PROGRAMS: [&str; 3] = ["nsm-forwarder", "nsm-manager", "nsm-endpoint"];
+/// The TCP port managers listen on for their peers, on the underlay address.
+pub const MANAGER_PEER_PORT: u16 = 5001;
+/// How long a mesh process may take to listen on its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one connection request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl Lab {
+    /// Builds the lab described by `topology` and starts its processes.
+    /// On failure, everything already made is removed before returning.
+    pub fn up(topology: Topology, opts: &Options) -> Result<Lab, LabError> {
+        topology.validate()?;
+        if !sys::is_root() {
+            return Err(LabError::NotRoot);
+        }
+        let name = topology.name.clone();
+        let dir = opts.state_root.join(&name);
+        if dir.exists() || sys::list_netns().iter().any(|n| belongs_to(n, &name)) {
+            return Err(LabError::Exists(name));
+        }
+        let plan = topology.plan();
+        let mut lab = Lab {
+            topology,
+            plan,
+            dir,
+            opts: opts.clone(),
+            state: State::default(),
+            children: Vec::new(),
+            detached: false,
+        };
+        // From here on, a failure drops `lab`, which tears down what exists.
+        lab.build()?;
+        Ok(lab)
+    }
+
+    /// Attaches to a lab that is up, from its state directory.
+    pub fn attach(name: &str, opts: &Options) -> Result<Lab, LabError> {
+        let dir = opts.state_root.join(name);
+        let topo_path = dir.join("topology.yaml");
+        if !topo_path.exists() {
+            return Err(LabError::NotFound(name.to_string()));
+        }
+        let topology = Topology::from_file(&topo_path)?;
+        let state_path = dir.join("state.json");
+        let state = fs::read(&state_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Ok(Lab {
+            plan: topology.plan(),
+            topology,
+            dir,
+            opts: opts.clone(),
+            state,
+            children: Vec::new(),
+            // Attaching never implies ownership: only `down` removes it.
+            detached: true,
+        })
+    }
+
+    /// Attaches to the lab named, or to the only lab up when `name` is `None`.
+    pub fn find(name: Option<&str>, opts: &Options) -> Result<Lab, LabError> {
+        match name {
+            Some(n) => Lab::attach(n, opts),
+            None => {
+                let labs = list_labs(opts);
+                match labs.as_slice() {
+                    [] => Err(LabError::NotFound("(any)".to_string())),
+                    [one] => Lab::attach(one, opts),
+                    many => Err(LabError::Ambiguous(many.join(", "))),
+                }
+            }
+        }
+    }
+
+    /// Keeps the lab running after this value is dropped (for `nsm-testbed up`).
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
+
+    /// Removes the lab: kills its processes, deletes its namespaces and state.
+    pub fn down(mut self) -> Result<Teardown, LabError> {
+        self.detached = true;
+        let report = teardown(&self.topology.name, &self.opts);
+        reap(&mut self.children);
+        report
+    }
+
+    /// The lab's name.
+    pub fn name(&self) -> &str {
+        &self.topology.name
+    }
+
+    /// The topology it was built from.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Its address plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Its state directory (sockets, logs, topology copy).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Programs that were not found at `up` and so are not running.
+    pub fn missing_binaries(&self) -> &[String] {
+        &self.state.missing_binaries
+    }
+
+    /// Processes started at `up`.
+    pub fn processes(&self) -> &[ProcessRecord] {
+        &self.state.processes
+    }
+
+    /// The namespace of a node or pod of this lab.
+    pub fn netns(&self, member: &str) -> Result<String, LabError> {
+        let known = self.plan.nodes.iter().any(|n| n.name == member)
+            || self.plan.pods.iter().any(|p| p.name == member);
+        if known {
+            Ok(netns_name(self.name(), Some(member)))
+        } else {
+            Err(LabError::NoMember {
+                lab: self.name().to_string(),
+                name: member.to_string(),
+            })
+        }
+    }
+
+    /// The manager's unix socket on a node.
+    pub fn manager_socket(&self, node: &str) -> PathBuf {
+        self.dir.join(node).join("nsm.io.sock")
+    }
+
+    /// The forwarder's unix socket on a node.
+    pub fn forwarder_socket(&self, node: &str) -> PathBuf {
+        self.dir.join(node).join("forwarder.sock")
+    }
+
+    /// A `Command` that runs `argv` inside a node or pod.
+    pub fn command<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        member: &str,
+        argv: &[S],
+    ) -> Result<Command, LabError> {
+        let netns = self.netns(member)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &netns]).args(argv);
+        Ok(cmd)
+    }
+
+    /// Runs `argv` inside a node or pod and collects its output.
+    pub fn exec<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        member: &str,
+        argv: &[S],
+    ) -> Result<Output, LabError> {
+        let mut cmd = self.command(member, argv)?;
+        cmd.stdin(Stdio::null())
+            .output()
+            .map_err(|source| LabError::Io {
+                lab: self.name().to_string(),
+                path: PathBuf::from("ip"),
+                source,
+            })
+    }
+
+    fn progress(&self, msg: &str) {
+        if self.opts.progress {
+            eprintln!("[{}] {msg}", self.topology.name);
+        }
+    }
+
+    fn step(&self, step: impl Into<String>) -> impl FnOnce(CmdError) -> LabError + '_ {
+        let step = step.into();
+        move |source| LabError::Step {
+            lab: self.topology.name.clone(),
+            step,
+            source,
+        }
+    }
+
+    fn io_err(&self, path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
+        let path = path.to_path_buf();
+        move |source| LabError::Io {
+            lab: self.topology.name.clone(),
+            path,
+            source,
+        }
+    }
+
+    fn build(&mut self) -> Result<(), LabError> {
+        let started = Instant::now();
+        fs::create_dir_all(self.dir.join("logs")).map_err(self.io_err(&self.dir))?;
+        let topo_path = self.dir.join("topology.yaml");
+        let text = serde_norway::to_string(&self.topology).expect("a topology always serializes");
+        fs::write(&topo_path, text).map_err(self.io_err(&topo_path))?;
+
+        self.progress("creating namespaces");
+        let lab = self.topology.name.clone();
+        let underlay = netns_name(&lab, None);
+        ip(["netns", "add", &underlay]).map_err(self.step("underlay namespace"))?;
+        let members: Vec<String> = self
+            .plan
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .chain(self.plan.pods.iter().map(|p| p.name.clone()))
+            .collect();
+        for m in &members {
+            let ns = netns_name(&lab, Some(m));
+            ip(["netns", "add", &ns]).map_err(self.step(format!("{m}: namespace")))?;
+            ip_in(&ns, &["link", "set", "lo", "up"])
+                .map_err(self.step(format!("{m}: loopback")))?;
+        }
+
+        self.progress("building the underlay");
+        let mtu = self.topology.underlay.mtu.to_string();
+        ip_in(&underlay, &["link", "set", "lo", "up"]).map_err(self.step("underlay: loopback"))?;
+        ip_in(
+            &underlay,
+            &[
+                "link",
+                "add",
+                UNDERLAY_BRIDGE,
+                "mtu",
+                &mtu,
+                "type",
+                "bridge",
+            ],
+        )
+        .map_err(self.step("underlay: bridge"))?;
+        ip_in(&underlay, &["link", "set", UNDERLAY_BRIDGE, "up"])
+            .map_err(self.step("underlay: bridge up"))?;
+        let v4_len = self.topology.underlay.cidr.prefix_len();
+        let v6_len = self.topology.underlay.cidr6.prefix_len();
+        for (i, node) in self.plan.nodes.clone().iter().enumerate() {
+            let ns = netns_name(&lab, Some(&node.name));
+            let port = format!("n{i}");
+            let s = |what: &str| format!("node {}: {what}", node.name);
+            ip_in(
+                &underlay,
+                &[
+                    "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", "eth0",
+                    "mtu", &mtu, "netns", &ns,
+                ],
+            )
+            .map_err(self.step(s("underlay link")))?;
+            ip_in(
+                &underlay,
+                &["link", "set", &port, "master", UNDERLAY_BRIDGE, "up"],
+            )
+            .map_err(self.step(s("bridge port")))?;
+            ip_in(
+                &ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/{v4_len}", node.underlay_ip),
+                    "dev",
+                    "eth0",
+                ],
+            )
+            .map_err(self.step(s("underlay IPv4")))?;
+            ip_in(
+                &ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/{v6_len}", node.underlay_ip6),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )
+            .map_err(self.step(s("underlay IPv6")))?;
+            ip_in(&ns, &["link", "set", "eth0", "up"]).map_err(self.step(s("underlay up")))?;
+            sysctl_in(&ns, "net.ipv4.ip_forward", "1").map_err(self.step(s("forwarding")))?;
+            sysctl_in(&ns, "net.ipv6.conf.all.forwarding", "1")
+                .map_err(self.step(s("forwarding")))?;
+            // The pods' primary network, as a bridge CNI would make it.
+            ip_in(&ns, &["link", "add", POD_BRIDGE, "type", "bridge"])
+                .map_err(self.step(s("pod bridge")))?;
+            ip_in(
+                &ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", node.pod_gateway),
+                    "dev",
+                    POD_BRIDGE,
+                ],
+            )
+            .map_err(self.step(s("pod gateway")))?;
+            ip_in(&ns, &["link", "set", POD_BRIDGE, "up"])
+                .map_err(self.step(s("pod bridge up")))?;
+        }
+        // Every node routes every other node's pods over the underlay.
+        for node in &self.plan.nodes {
+            let ns = netns_name(&lab, Some(&node.name));
+            for other in self.plan.nodes.iter().filter(|o| o.name != node.name) {
+                ip_in(
+                    &ns,
+                    &[
+                        "route",
+                        "add",
+                        &other.pod_net.to_string(),
+                        "via",
+                        &other.underlay_ip.to_string(),
+                    ],
+                )
+                .map_err(self.step(format!("node {}: route to {}", node.name, other.name)))?;
+            }
+        }
+
+        self.progress("attaching pods");
+        for (j, pod) in self.plan.pods.clone().iter().enumerate() {
+            let ns = netns_name(&lab, Some(&pod.name));
+            let node_ns = netns_name(&lab, Some(&pod.node));
+            let gateway = self
+                .plan
+                .nodes
+                .iter()
+                .find(|n| n.name == pod.node)
+                .expect("planned")
+                .pod_gateway;
+            let port = format!("p{j}");
+            let s = |what: &str| format!("pod {}: {what}", pod.name);
+            ip_in(
+                &node_ns,
+                &[
+                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            )
+            .map_err(self.step(s("link")))?;
+            ip_in(
+                &node_ns,
+                &["link", "set", &port, "master", POD_BRIDGE, "up"],
+            )
+            .map_err(self.step(s("bridge port")))?;
+            ip_in(
+                &ns,
+                &["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"],
+            )
+            .map_err(self.step(s("address")))?;
+            ip_in(&ns, &["link", "set", "eth0", "up"]).map_err(self.step(s("link up")))?;
+            ip_in(
+                &ns,
+                &["route", "add", "default", "via", &gateway.to_string()],
+            )
+            .map_err(self.step(s("default route")))?;
+        }
+
+        self.start_processes()?;
+        self.save_state()?;
+        self.progress(&format!(
+            "up in {:.1}s; state in {}",
+            started.elapsed().as_secs_f64(),
+            self.dir.display()
+        ));
+        Ok(())
+    }
+
+    fn start_processes(&mut self) -> Result<(), LabError> {
+        let found: BTreeMap<&str, PathBuf> = MESH_PROGRAMS
+            .iter()
+            .filter(|_| self.opts.mesh)
+            .filter_map(|p| sys::find_program(p).map(|path| (*p, path)))
+            .collect();
+        self.state.missing_binaries = MESH_PROGRAMS
+            .iter()
+            .filter(|p| !found.contains_key(*p))
+            .map(|p| p.to_string())
+            .collect();
+        if !self.opts.mesh {
+            self.progress("mesh programs not started (--no-mesh)");
+        } else if !self.state.missing_binaries.is_empty() {
+            self.progress(&format!(
+                "not started (binaries not built yet): {}",
+                self.state.missing_binaries.join(", ")
+            ));
+        }
+        for node in self.plan.nodes.clone() {
+            fs::create_dir_all(self.dir.join(&node.name)).map_err(self.io_err(&self.dir))?;
+        }
+        // Forwarders first: a manager programs its forwarder as soon as it starts.
+        if let Some(path) = found.get("nsm-forwarder") {
+            for node in self.plan.nodes.clone() {
+                self.progress(&format!("{}: starting nsm-forwarder", node.name));
+                let args = self.forwarder_args(&node.name);
+                self.spawn(&node.name, "nsm-forwarder", path.as_os_str(), &args)?;
+                self.wait_listening(&self.forwarder_socket(&node.name))?;
+            }
+        }
+        // The first node's manager serves the lab's registry and IPAM, so it
+        // starts first and the others point at it.
+        if let Some(path) = found.get("nsm-manager") {
+            self.write_manager_config()?;
+            for node in self.plan.nodes.clone() {
+                self.progress(&format!("{}: starting nsm-manager", node.name));
+                let args = self.manager_args(&node.name);
+                self.spawn(&node.name, "nsm-manager", path.as_os_str(), &args)?;
+                self.wait_listening(&self.manager_socket(&node.name))?;
+            }
+        }
+        if let (Some(path), true) = (found.get("nsm-endpoint"), found.contains_key("nsm-manager")) {
+            for e in self.topology.endpoints.clone() {
+                self.progress(&format!(
+                    "{}: starting nsm-endpoint for {}",
+                    e.name, e.service
+                ));
+                fs::create_dir_all(self.dir.join(&e.name)).map_err(self.io_err(&self.dir))?;
+                let args = self.endpoint_args(&e.name);
+                self.spawn(&e.name, "nsm-endpoint", path.as_os_str(), &args)?;
+                self.wait_listening(&self.endpoint_socket(&e.name))?;
+            }
+        }
+        let runs: Vec<(String, String)> = self
+            .topology
+            .endpoints
+            .iter()
+            .filter_map(|e| e.run.clone().map(|r| (e.name.clone(), r)))
+            .chain(
+                self.topology
+                    .pods
+                    .iter()
+                    .filter_map(|p| p.run.clone().map(|r| (p.name.clone(), r))),
+            )
+            .collect();
+        for (member, run) in runs {
+            self.progress(&format!("{member}: starting `{run}`"));
+            self.spawn(&member, "run", "sh".as_ref(), &["-c".to_string(), run])?;
+        }
+        // A process that dies at once (bad flags, missing library) fails `up`
+        // instead of leaving a half-working lab behind.
+        std::thread::sleep(Duration::from_millis(200));
+        self.check_alive()?;
+        if self.opts.mesh && self.state.missing_binaries.is_empty() {
+            self.request_connections()?;
+        }
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> Result<(), LabError> {
+        for (record, child) in self.state.processes.iter().zip(self.children.iter_mut()) {
+            if let Ok(Some(status)) = child.try_wait() {
+                // `sh -c "daemon -D"` exits 0 by design once the daemon forked.
+                if record.program == "run" && status.success() {
+                    continue;
+                }
+                return Err(LabError::Died {
+                    lab: self.topology.name.clone(),
+                    what: format!("{} on {}", record.program, record.member),
+                    status: status.to_string(),
+                    log: record.log.display().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the process started last to listen on `socket`.
+    fn wait_listening(&mut self, socket: &Path) -> Result<(), LabError> {
+        let record = self
+            .state
+            .processes
+            .last()
+            .expect("called after spawn")
+            .clone();
+        let child = self.children.last_mut().expect("called after spawn");
+        mesh::wait_for_socket(socket, START_TIMEOUT, || {
+            matches!(child.try_wait(), Ok(None))
+        })
+        .map_err(|detail| LabError::Died {
+            lab: self.topology.name.clone(),
+            what: format!("{} on {}", record.program, record.member),
+            status: detail,
+            log: record.log.display().to_string(),
+        })
+    }
+
+    /// Asks each pod's node manager for the connections of its annotation.
+    fn request_connections(&mut self) -> Result<(), LabError> {
+        let lab = self.topology.name.clone();
+        for pod in self.topology.pods.clone() {
+            let Some(value) = pod.annotations.get(nsm_proto::annotation::KEY) else {
+                continue;
+            };
+            let requests =
+                nsm_proto::annotation::parse(value).expect("validated with the topology");
+            for (i, r) in requests.into_iter().enumerate() {
+                let interface = r.interface.unwrap_or_else(|| format!("nsm-{}", i + 1));
+                let req = RequestedConnection {
+                    id: format!("{lab}-{}-{interface}", pod.name),
+                    pod: pod.name.clone(),
+                    node: pod.node.clone(),
+                    interface,
+                    service: r.service,
+                    labels: r.labels,
+                };
+                self.progress(&format!(
+                    "{}: requesting {} as {}",
+                    pod.name, req.service, req.interface
+                ));
+                let netns = Path::new(sys::NETNS_DIR).join(netns_name(&lab, Some(&pod.name)));
+                let conn = mesh::request(
+                    &self.manager_socket(&pod.node),
+                    &netns,
+                    &req,
+                    REQUEST_TIMEOUT,
+                )
+                .map_err(|detail| LabError::Request {
+                    lab: lab.clone(),
+                    pod: pod.name.clone(),
+                    service: req.service.clone(),
+                    detail,
+                })?;
+                let shown = mesh::describe(&req, Some(&conn));
+                self.progress(&format!(
+                    "{}: {} up, {} -> {} ({})",
+                    pod.name, req.interface, shown.src_ip, shown.dst_ip, shown.endpoint
+                ));
+                self.state.connections.push(req);
+                self.save_state()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_manager_config(&self) -> Result<(), LabError> {
+        #[derive(Serialize)]
+        struct Config<'a> {
+            services: Vec<ServiceConfig<'a>>,
+        }
+        #[derive(Serialize)]
+        struct ServiceConfig<'a> {
+            name: &'a str,
+            payload: crate::topology::Payload,
+            cidr: Vec<String>,
+        }
+        let config = Config {
+            services: self
+                .topology
+                .services
+                .iter()
+                .map(|s| ServiceConfig {
+                    name: &s.name,
+                    payload: s.payload,
+                    cidr: s.cidr.iter().map(|c| c.to_string()).collect(),
+                })
+                .collect(),
+        };
+        let path = self.manager_config();
+        let text = serde_norway::to_string(&config).expect("config serializes");
+        fs::write(&path, text).map_err(self.io_err(&path))
+    }
+
+    /// The managers' config (services and their pools).
+    pub fn manager_config(&self) -> PathBuf {
+        self.dir.join("manager.yaml")
+    }
+
+    /// An endpoint's own unix socket (its NetworkService server).
+    pub fn endpoint_socket(&self, endpoint: &str) -> PathBuf {
+        self.dir.join(endpoint).join("endpoint.sock")
+    }
+
+    /// The TCP URL peers use to reach a node's manager.
+    pub fn manager_url(&self, node: &str) -> String {
+        let plan = self
+            .plan
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .expect("planned node");
+        format!("tcp://{}:{MANAGER_PEER_PORT}", plan.underlay_ip)
+    }
+
+    /// `nsm-forwarder` flags on a node (its documented interface).
+    fn forwarder_args(&self, node: &str) -> Vec<String> {
+        let plan = self
+            .plan
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .expect("planned node");
+        vec![
+            "--name".into(),
+            node.into(),
+            "--listen".into(),
+            self.forwarder_socket(node).display().to_string(),
+            "--underlay-ip".into(),
+            plan.underlay_ip.to_string(),
+        ]
+    }
+
+    /// `nsm-manager` flags on a node: the first node serves the registry.
+    fn manager_args(&self, node: &str) -> Vec<String> {
+        let plan = self
+            .plan
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .expect("planned node");
+        let mut args: Vec<String> = vec![
+            "--name".into(),
+            node.into(),
+            "--listen".into(),
+            self.manager_socket(node).display().to_string(),
+            "--peer-listen".into(),
+            format!("{}:{MANAGER_PEER_PORT}", plan.underlay_ip),
+            "--advertise-url".into(),
+            self.manager_url(node),
+            "--forwarder".into(),
+            self.forwarder_socket(node).display().to_string(),
+            "--state-dir".into(),
+            self.dir.join(node).display().to_string(),
+        ];
+        let registry = &self.plan.nodes[0].name;
+        if node == registry {
+            args.extend([
+                "--config".into(),
+                self.manager_config().display().to_string(),
+            ]);
+        } else {
+            args.extend(["--registry".into(), self.manager_url(registry)]);
+        }
+        args
+    }
+
+    /// `nsm-endpoint` flags in an endpoint pod.
+    fn endpoint_args(&self, name: &str) -> Vec<String> {
+        let e = self
+            .topology
+            .endpoints
+            .iter()
+            .find(|e| e.name == name)
+            .expect("endpoint");
+        let labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut args: Vec<String> = vec![
+            "--name".into(),
+            e.name.clone(),
+            "--service".into(),
+            e.service.clone(),
+            "--manager".into(),
+            self.manager_socket(&e.node).display().to_string(),
+            "--listen".into(),
+            self.endpoint_socket(&e.name).display().to_string(),
+        ];
+        if !labels.is_empty() {
+            args.extend(["--labels".into(), labels.join(",")]);
+        }
+        args
+    }
+
+    fn spawn(
+        &mut self,
+        member: &str,
+        program: &str,
+        path: &std::ffi::OsStr,
+        args: &[String],
+    ) -> Result<(), LabError> {
+        let ns = netns_name(&self.topology.name, Some(member));
+        let log = self
+            .dir
+            .join("logs")
+            .join(format!("{member}-{program}.log"));
+        let file = File::create(&log).map_err(self.io_err(&log))?;
+        let err_file = file.try_clone().map_err(self.io_err(&log))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns])
+            .arg(path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err_file)
+            // Its own process group: a Ctrl-C at the terminal that ran `up`
+            // must not take the lab's processes with it.
+            .process_group(0);
+        let child = cmd.spawn().map_err(self.io_err(Path::new("ip")))?;
+        let pid = i32::try_from(child.id()).expect("pids fit in i32");
+        self.state.processes.push(ProcessRecord {
+            member: member.to_string(),
+            program: program.to_string(),
+            pid,
+            log,
+        });
+        self.children.push(child);
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<(), LabError> {
+        let path = self.dir.join("state.json");
+        let json = serde_json::to_vec_pretty(&self.state).expect("state always serializes");
+        fs::write(&path, json).map_err(self.io_err(&path))
+    }
+
+    /// What `status` shows.
+    pub fn status(&self) -> Status {
+        let lab = self.name();
+        let alive = |pid: i32| kill(Pid::from_raw(pid), None).is_ok();
+        let nodes = self
+            .plan
+            .nodes
+            .iter()
+            .map(|n| NodeStatus {
+                name: n.name.clone(),
+                netns: netns_name(lab, Some(&n.name)),
+                underlay_ip: n.underlay_ip.to_string(),
+                underlay_ip6: n.underlay_ip6.to_string(),
+                pod_cidr: n.pod_net.to_string(),
+                manager_socket: self.manager_socket(&n.name).display().to_string(),
+                forwarder_socket: self.forwarder_socket(&n.name).display().to_string(),
+            })
+            .collect();
+        let pods = self
+            .plan
+            .pods
+            .iter()
+            .map(|p| PodStatus {
+                name: p.name.clone(),
+                node: p.node.clone(),
+                netns: netns_name(lab, Some(&p.name)),
+                ip: p.ip.to_string(),
+                endpoint: p.endpoint,
+            })
+            .collect();
+        let endpoints = self
+            .topology
+            .endpoints
+            .iter()
+            .map(|e| EndpointStatus {
+                name: e.name.clone(),
+                node: e.node.clone(),
+                service: e.service.clone(),
+                labels: e.labels.clone(),
+            })
+            .collect();
+        let processes = self
+            .state
+            .processes
+            .iter()
+            .map(|p| ProcessStatus {
+                member: p.member.clone(),
+                program: p.program.clone(),
+                pid: p.pid,
+                running: alive(p.pid),
+                log: p.log.display().to_string(),
+            })
+            .collect();
+        Status {
+            name: lab.to_string(),
+            state_dir: self.dir.display().to_string(),
+            nodes,
+            pods,
+            endpoints,
+            processes,
+            missing_binaries: self.state.missing_binaries.clone(),
+            connections: self.connection_status(),
+        }
+    }
+}
+
+impl Lab {
+    /// The connections the lab asked for, as their node managers see them now.
+    fn connection_status(&self) -> Vec<ConnectionStatus> {
+        let mut seen: BTreeMap<&str, Vec<nsm_proto::connection::Connection>> = BTreeMap::new();
+        for req in &self.state.connections {
+            if !seen.contains_key(req.node.as_str()) {
+                let known =
+                    mesh::connections(&self.manager_socket(&req.node), Duration::from_secs(3))
+                        .unwrap_or_default();
+                seen.insert(&req.node, known);
+            }
+        }
+        self.state
+            .connections
+            .iter()
+            .map(|req| {
+                let conn = seen
+                    .get(req.node.as_str())
+                    .and_then(|cs| cs.iter().find(|c| mesh::is_same(req, c)));
+                mesh::describe(req, conn)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        if let Err(e) = teardown(&self.topology.name, &self.opts) {
+            eprintln!(
+                "nsm-testbed: teardown of lab `{}` failed: {e}",
+                self.topology.name
+            );
+        }
+        reap(&mut self.children);
+    }
+}
+
+/// Collects the exit status of processes this value started, so none stays a zombie.
+fn reap(children: &mut [Child]) {
+    for child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// What `down` removed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Teardown {
+    /// Namespaces deleted.
+    pub namespaces: Vec<String>,
+    /// Processes signalled.
+    pub processes: usize,
+}
+
+/// Removes everything of lab `lab` found by name: processes in its
+/// namespaces (SIGTERM, then SIGKILL after a grace period), the namespaces
+/// (and with them every link), and its state directory. Works without the
+/// state directory, so it also cleans up after a crash. Removing a lab that
+/// does not exist succeeds and removes nothing.
+pub fn teardown(lab: &str, opts: &Options) -> Result<Teardown, LabError> {
+    let namespaces: Vec<String> = sys::list_netns()
+        .into_iter()
+        .filter(|n| belongs_to(n, lab))
+        .collect();
+    let mut pids: Vec<i32> = namespaces
+        .iter()
+        .flat_map(|ns| sys::netns_pids(ns))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    for &pid in &pids {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + TERM_GRACE;
+    loop {
+        let left: Vec<i32> = namespaces
+            .iter()
+            .flat_map(|ns| sys::netns_pids(ns))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            for pid in left {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut first_err = None;
+    for ns in &namespaces {
+        if let Err(source) = ip(["netns", "del", ns]) {
+            first_err.get_or_insert(LabError::Step {
+                lab: lab.to_string(),
+                step: format!("delete namespace {ns}"),
+                source,
+            });
+        }
+    }
+    let dir = opts.state_root.join(lab);
+    if dir.exists()
+        && let Err(source) = fs::remove_dir_all(&dir)
+    {
+        first_err.get_or_insert(LabError::Io {
+            lab: lab.to_string(),
+            path: dir,
+            source,
+        });
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(Teardown {
+            namespaces,
+            processes: pids.len(),
+        }),
+    }
+}
+
+/// Every lab that is up or left over: by state directory and by namespace prefix.
+pub fn list_labs(opts: &Options) -> Vec<String> {
+    let mut labs: Vec<String> = sys::list_netns()
+        .iter()
+        .filter_map(|n| lab_of(n).map(str::to_string))
+        .collect();
+    if let Ok(dir) = fs::read_dir(&opts.state_root) {
+        labs.extend(
+            dir.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("topology.yaml").exists())
+                .filter_map(|e| e.file_name().into_string().ok()),
+        );
+    }
+    labs.sort();
+    labs.dedup();
+    labs
+}
+
+/// A lab as `status --json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Lab name.
+    pub name: String,
+    /// State directory.
+    pub state_dir: String,
+    /// Nodes.
+    pub nodes: Vec<NodeStatus>,
+    /// Pods, endpoints included.
+    pub pods: Vec<PodStatus>,
+    /// Endpoints.
+    pub endpoints: Vec<EndpointStatus>,
+    /// Processes started by `up`.
+    pub processes: Vec<ProcessStatus>,
+    /// Mesh programs not found at `up`.
+    pub missing_binaries: Vec<String>,
+    /// Mesh connections.
+    pub connections: Vec<ConnectionStatus>,
+}
+
+/// A node in `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    /// Node name.
+    pub name: String,
+    /// Its namespace.
+    pub netns: String,
+    /// Underlay IPv4.
+    pub underlay_ip: String,
+    /// Underlay IPv6.
+    pub underlay_ip6: String,
+    /// Its pods' primary network.
+    pub pod_cidr: String,
+    /// Its manager's unix socket.
+    pub manager_socket: String,
+    /// Its forwarder's unix socket.
+    pub forwarder_socket: String,
+}
+
+/// A pod in `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PodStatus {
+    /// Pod name.
+    pub name: String,
+    /// Its node.
+    pub node: String,
+    /// Its namespace.
+    pub netns: String,
+    /// Primary-network IPv4.
+    pub ip: String,
+    /// Whether it is an endpoint.
+    pub endpoint: bool,
+}
+
+/// An endpoint in `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointStatus {
+    /// Endpoint name.
+    pub name: String,
+    /// Its node.
+    pub node: String,
+    /// The service it serves.
+    pub service: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A process in `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessStatus {
+    /// The node or pod.
+    pub member: String,
+    /// The program.
+    pub program: String,
+    /// Its pid.
+    pub pid: i32,
+    /// Whether it still runs.
+    pub running: bool,
+    /// Its log.
+    pub log: String,
+}
+
+/// A mesh connection in `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionStatus {
+    /// Client pod.
+    pub pod: String,
+    /// Interface in the pod.
+    pub interface: String,
+    /// Network service.
+    pub service: String,
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Client address.
+    pub src_ip: String,
+    /// Endpoint address.
+    pub dst_ip: String,
+    /// UP, DOWN, ...
+    pub state: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_belong_to_one_lab() {
+        assert!(belongs_to("nsmtb_a", "a"));
+        assert!(belongs_to("nsmtb_a_node-1", "a"));
+        assert!(!belongs_to("nsmtb_a-b_node-1", "a"));
+        assert!(!belongs_to("nsmtb_ab", "a"));
+        assert_eq!(lab_of("nsmtb_a-b_node-1"), Some("a-b"));
+        assert_eq!(lab_of("nsmtb_a-b"), Some("a-b"));
+        assert_eq!(lab_of("other"), None);
+    }
+}

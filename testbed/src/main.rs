@@ -1,0 +1,270 @@
+//! `nsm-testbed`: build, inspect and remove labs of network namespaces.
+//!
+//! A thin shell over the `nsm_testbed` library: it parses the command line,
+//! prints, and maps errors to exit codes. It must never hold logic a test
+//! could not reach through the library.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use nsm_testbed::lab::{self, Lab, LabError, Options};
+use nsm_testbed::{Topology, demo};
+
+/// Exit code for a bad topology file or bad arguments.
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nsm-testbed",
+    version,
+    about = "Network namespaces as nodes and pods: the one-host nsm-rs mesh and its test harness",
+    long_about = "Network namespaces as nodes and pods: the one-host nsm-rs mesh and its test harness.\n\n\
+        A topology file (YAML) names the nodes, pods, network services and endpoints of a lab. \
+        `up` builds it: one namespace per node joined by an underlay bridge (192.0.2.0/24 by \
+        default), one namespace per pod on a bridge of its node (198.18.N.0/24), and on every node \
+        the mesh processes (nsm-forwarder, nsm-manager) when they are built. Everything lives in \
+        namespaces named nsmtb_LAB[_MEMBER]; nothing touches the host's own network.",
+    after_help = "Examples:\n  \
+        nsm-testbed up testbed/topologies/demo.yaml\n  \
+        nsm-testbed status --json\n  \
+        nsm-testbed exec web -- ping -c1 198.18.1.2\n  \
+        nsm-testbed down demo\n  \
+        nsm-testbed demo\n\n\
+        Exit codes: 0 success; 1 failure (see the message); 2 bad topology file or arguments; \
+        `exec` exits with the command's own code."
+)]
+struct Cli {
+    /// Root of the labs' state directories (sockets, logs, topology copies).
+    #[arg(long, global = true, env = "NSM_TESTBED_DIR", default_value = lab::DEFAULT_STATE_ROOT)]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Build the lab of a topology file and start its processes; returns when it is ready.
+    Up {
+        /// The topology file (YAML).
+        file: PathBuf,
+        /// Build the namespaces and networks only; start no mesh program.
+        #[arg(long)]
+        no_mesh: bool,
+    },
+    /// Show a lab's nodes, pods, endpoints, processes and connections.
+    Status {
+        /// The lab (default: the only lab up).
+        #[arg(long)]
+        lab: Option<String>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command inside a node or pod of a lab.
+    Exec {
+        /// The lab (default: the only lab up).
+        #[arg(long)]
+        lab: Option<String>,
+        /// Node or pod name.
+        target: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove a lab (a topology file or a lab name; default: every lab up),
+    /// killing its processes. Also cleans up after a crash.
+    Down {
+        /// A topology file or a lab name.
+        lab: Option<String>,
+    },
+    /// Check a topology file without building anything.
+    Validate {
+        /// The topology file (YAML).
+        file: PathBuf,
+    },
+    /// Run the main job: a two-node lab, a client pod and an endpoint pod, a
+    /// ping and a short TCP throughput figure, then a clean teardown.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let opts = Options {
+        state_root: cli.state_dir.clone(),
+        progress: true,
+        mesh: true,
+    };
+    match run(cli.command, &opts) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nsm-testbed: {e}");
+            ExitCode::from(match e {
+                CliError::Lab(LabError::Topology(_))
+                | CliError::Demo(demo::DemoError::Lab(LabError::Topology(_))) => EXIT_USAGE,
+                _ => 1,
+            })
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    #[error(transparent)]
+    Demo(#[from] demo::DemoError),
+}
+
+impl From<nsm_testbed::TopologyError> for CliError {
+    fn from(e: nsm_testbed::TopologyError) -> Self {
+        CliError::Lab(e.into())
+    }
+}
+
+fn run(cmd: Cmd, opts: &Options) -> Result<ExitCode, CliError> {
+    match cmd {
+        Cmd::Validate { file } => {
+            let t = Topology::from_file(&file)?;
+            println!(
+                "{}: ok (lab {}, {} nodes, {} pods, {} endpoints)",
+                file.display(),
+                t.name,
+                t.nodes.len(),
+                t.pods.len(),
+                t.endpoints.len()
+            );
+        }
+        Cmd::Up { file, no_mesh } => {
+            let topology = Topology::from_file(&file)?;
+            let opts = Options {
+                mesh: !no_mesh,
+                ..opts.clone()
+            };
+            let lab = Lab::up(topology, &opts)?;
+            print_status(&lab.status());
+            lab.detach();
+        }
+        Cmd::Status { lab, json } => {
+            let lab = Lab::find(lab.as_deref(), opts)?;
+            let status = lab.status();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).expect("status serializes")
+                );
+            } else {
+                print_status(&status);
+            }
+        }
+        Cmd::Exec {
+            lab,
+            target,
+            command,
+        } => {
+            let lab = Lab::find(lab.as_deref(), opts)?;
+            let status =
+                lab.command(&target, &command)?
+                    .status()
+                    .map_err(|source| LabError::Io {
+                        lab: lab.name().to_string(),
+                        path: PathBuf::from(&command[0]),
+                        source,
+                    })?;
+            // The command's own exit code is what the caller wants to see.
+            let code = status.code().unwrap_or(1);
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+        Cmd::Down { lab: target } => {
+            let names = match target {
+                Some(t) => vec![lab_name_of(&t)?],
+                None => lab::list_labs(opts),
+            };
+            if names.is_empty() {
+                println!("no lab is up");
+            }
+            for name in names {
+                let removed = lab::teardown(&name, opts)?;
+                println!(
+                    "lab {name}: removed {} namespaces, stopped {} processes",
+                    removed.namespaces.len(),
+                    removed.processes
+                );
+            }
+        }
+        Cmd::Demo => {
+            let mut out = std::io::stdout();
+            let r = demo::run(opts, &mut out)?;
+            let _ = writeln!(
+                out,
+                "demo ok: web -> echo over the {}: rtt {:.3} ms, tcp {:.2} Gbit/s",
+                r.path,
+                r.rtt_ms,
+                r.tcp_bps / 1e9
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `down` takes a lab name or a topology file (whose `name` it reads).
+fn lab_name_of(arg: &str) -> Result<String, CliError> {
+    let path = Path::new(arg);
+    if path.is_file() {
+        return Ok(Topology::from_file(path)?.name);
+    }
+    Ok(arg.to_string())
+}
+
+fn print_status(s: &lab::Status) {
+    println!("lab {}  (state {})", s.name, s.state_dir);
+    println!(
+        "{:<14} {:<28} {:<14} MANAGER SOCKET",
+        "NODE", "NETNS", "UNDERLAY"
+    );
+    for n in &s.nodes {
+        println!(
+            "{:<14} {:<28} {:<14} {}",
+            n.name, n.netns, n.underlay_ip, n.manager_socket
+        );
+    }
+    println!(
+        "{:<14} {:<14} {:<28} {:<14} ROLE",
+        "POD", "NODE", "NETNS", "IP"
+    );
+    for p in &s.pods {
+        let role = if p.endpoint { "endpoint" } else { "client" };
+        println!(
+            "{:<14} {:<14} {:<28} {:<14} {role}",
+            p.name, p.node, p.netns, p.ip
+        );
+    }
+    if !s.processes.is_empty() {
+        println!("{:<14} {:<14} {:<8} STATE", "WHERE", "PROCESS", "PID");
+        for p in &s.processes {
+            let state = if p.running { "running" } else { "exited" };
+            println!("{:<14} {:<14} {:<8} {state}", p.member, p.program, p.pid);
+        }
+    }
+    if !s.missing_binaries.is_empty() {
+        println!(
+            "not started (not built yet): {}",
+            s.missing_binaries.join(", ")
+        );
+    }
+    if s.connections.is_empty() {
+        println!("connections: none");
+    } else {
+        println!(
+            "{:<12} {:<8} {:<14} {:<12} {:<16} {:<16} STATE",
+            "POD", "IFACE", "SERVICE", "ENDPOINT", "SRC", "DST"
+        );
+        for c in &s.connections {
+            println!(
+                "{:<12} {:<8} {:<14} {:<12} {:<16} {:<16} {}",
+                c.pod, c.interface, c.service, c.endpoint, c.src_ip, c.dst_ip, c.state
+            );
+        }
+    }
+}
