@@ -1,10 +1,16 @@
-//! `nsm-cni`: a chained CNI plugin (CNI spec 1.1.0, also 0.3.x-1.0.0 configs).
+//! `nsm-cni`: a chained CNI plugin (CNI spec 1.1.0; 0.3.0-1.0.0 configs too).
 //!
 //! Owns the CNI contract only: environment and stdin config in, a result or
-//! a CNI error (on stdout) out. Each mesh interface it reports is requested
-//! from the local `nsm-manager` over gRPC.
+//! a CNI error object (on stdout, with the spec's codes) out. Each mesh
+//! interface it adds is requested from the local `nsm-manager` over gRPC,
+//! marked as managed, so the manager refreshes and heals it until DEL.
 //!
-//! It must never hold state of its own (the manager owns every connection)
-//! and never touch packets or network namespaces itself beyond CHECK's reads.
-//!
-//! Status: built by the CNI issue; this crate is the place it lands.
+//! It must never hold state of its own (the manager owns every connection,
+//! and DEL/CHECK/GC find them by id), never leave a pod half-attached (a
+//! failed ADD closes what it made), never panic on input, and never touch
+//! a namespace beyond CHECK's reads.
+
+pub mod manager;
+pub mod netns;
+pub mod plugin;
+pub mod spec;

@@ -43,6 +43,24 @@ pub mod kernel {
     pub const NETNS_INODE: &str = "netnsInode";
     /// Linux limit on interface names (IFNAMSIZ - 1), in bytes.
     pub const IFNAME_MAX_LEN: usize = 15;
+
+    /// The KERNEL mechanism preference an NSM client sends: a LOCAL
+    /// mechanism naming the interface and the namespace (as
+    /// `file://PATH`) it should appear in.
+    pub fn local(ifname: &str, netns_path: &std::path::Path) -> crate::connection::Mechanism {
+        crate::connection::Mechanism {
+            cls: super::cls::LOCAL.to_string(),
+            r#type: super::KERNEL.to_string(),
+            parameters: [
+                (NAME.to_string(), ifname.to_string()),
+                (
+                    INODE_URL.to_string(),
+                    format!("file://{}", netns_path.display()),
+                ),
+            ]
+            .into(),
+        }
+    }
 }
 
 /// Parameter keys of the WIREGUARD mechanism. "src" is the client's side

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nsm_proto::connection::monitor_connection_client::MonitorConnectionClient;
-use nsm_proto::connection::{Connection, Mechanism, MonitorScopeSelector, State};
-use nsm_proto::mechanisms::{self, kernel};
+use nsm_proto::connection::{Connection, MonitorScopeSelector, State};
+use nsm_proto::mechanisms::kernel;
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::networkservice::network_service_client::NetworkServiceClient;
 use serde::{Deserialize, Serialize};
@@ -79,14 +79,6 @@ pub fn request(
     req: &RequestedConnection,
     timeout: Duration,
 ) -> Result<Connection, String> {
-    let parameters = [
-        (kernel::NAME.to_string(), req.interface.clone()),
-        (
-            kernel::INODE_URL.to_string(),
-            format!("file://{}", netns_path.display()),
-        ),
-    ]
-    .into();
     let request = NetworkServiceRequest {
         connection: Some(Connection {
             id: req.id.clone(),
@@ -94,11 +86,7 @@ pub fn request(
             labels: req.labels.clone().into_iter().collect(),
             ..Default::default()
         }),
-        mechanism_preferences: vec![Mechanism {
-            cls: mechanisms::cls::LOCAL.to_string(),
-            r#type: mechanisms::KERNEL.to_string(),
-            parameters,
-        }],
+        mechanism_preferences: vec![kernel::local(&req.interface, netns_path)],
     };
     runtime().block_on(async {
         let channel = nsm_proto::uds::connect_unix(manager_socket)
