@@ -175,3 +175,15 @@ fn kubernetes_pod_without_annotations_is_code_101() {
             .contains("io.kubernetes.cri.pod-annotations")
     );
 }
+
+/// The shipped example conflist (also in the README) is what the plugin accepts.
+#[test]
+fn example_conflist_entry_is_a_valid_config() {
+    let list: Value = serde_json::from_str(include_str!("../examples/10-mesh.conflist")).unwrap();
+    let mut ours = list["plugins"][1].clone();
+    ours["cniVersion"] = list["cniVersion"].clone();
+    ours["name"] = list["name"].clone();
+    nsm_cni::spec::NetConf::parse(ours.to_string().as_bytes()).expect("example config parses");
+    let readme = include_str!("../../README.md");
+    assert!(readme.contains(r#""type": "nsm-cni""#), "README shows the example");
+}

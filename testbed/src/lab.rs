@@ -9,7 +9,7 @@
 //! root namespace), so deleting the namespaces deletes every link.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -867,7 +867,12 @@ impl Lab {
             .dir
             .join("logs")
             .join(format!("{member}-{program}.log"));
-        let file = File::create(&log).map_err(self.io_err(&log))?;
+        // Appending keeps the log of a process that was restarted.
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(self.io_err(&log))?;
         let err_file = file.try_clone().map_err(self.io_err(&log))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns])
@@ -889,6 +894,56 @@ impl Lab {
         });
         self.children.push(child);
         Ok(())
+    }
+
+    /// Kills a process the lab started (`program` is `nsm-forwarder`,
+    /// `nsm-manager`, `nsm-endpoint` or `run`) with SIGKILL, as a crash
+    /// would, and waits until it is gone.
+    pub fn kill(&mut self, member: &str, program: &str) -> Result<(), LabError> {
+        let idx = self
+            .state
+            .processes
+            .iter()
+            .rposition(|p| p.member == member && p.program == program)
+            .ok_or_else(|| LabError::NoMember {
+                lab: self.topology.name.clone(),
+                name: format!("{program} on {member}"),
+            })?;
+        let record = self.state.processes.remove(idx);
+        let _ = kill(Pid::from_raw(record.pid), Signal::SIGKILL);
+        if self.children.len() > idx {
+            let mut child = self.children.remove(idx);
+            let _ = child.wait();
+        } else {
+            // Attached to a lab built by another process: poll until it is gone.
+            while kill(Pid::from_raw(record.pid), None).is_ok() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.save_state()
+    }
+
+    /// Starts a mesh program again on a node (or endpoint pod) with the
+    /// flags `up` gave it, and returns once it listens on its socket.
+    pub fn restart(&mut self, member: &str, program: &str) -> Result<(), LabError> {
+        let path = sys::find_program(program).ok_or_else(|| LabError::NoMember {
+            lab: self.topology.name.clone(),
+            name: format!("{program} (not built)"),
+        })?;
+        let (args, socket) = match program {
+            "nsm-forwarder" => (self.forwarder_args(member), self.forwarder_socket(member)),
+            "nsm-manager" => (self.manager_args(member), self.manager_socket(member)),
+            "nsm-endpoint" => (self.endpoint_args(member), self.endpoint_socket(member)),
+            other => {
+                return Err(LabError::NoMember {
+                    lab: self.topology.name.clone(),
+                    name: format!("{other} (only mesh programs restart)"),
+                });
+            }
+        };
+        self.spawn(member, program, path.as_os_str(), &args)?;
+        self.wait_listening(&socket)?;
+        self.save_state()
     }
 
     fn save_state(&self) -> Result<(), LabError> {

@@ -22,7 +22,7 @@ const EXIT_USAGE: u8 = 2;
     about = "Network namespaces as nodes and pods: the one-host nsm-rs mesh and its test harness",
     long_about = "Network namespaces as nodes and pods: the one-host nsm-rs mesh and its test harness.\n\n\
         A topology file (YAML) names the nodes, pods, network services and endpoints of a lab. \
-        `up` builds it: one namespace per node joined by an underlay bridge (192.0.2.0/24 by \
+        `up` builds it: one namespace per node joined by an underlay bridge (198.51.100.0/24 by \
         default), one namespace per pod on a bridge of its node (198.18.N.0/24), and on every node \
         the mesh processes (nsm-forwarder, nsm-manager) when they are built. Everything lives in \
         namespaces named nsmtb_LAB[_MEMBER]; nothing touches the host's own network.",

@@ -59,7 +59,7 @@ pub struct Topology {
 #[serde(deny_unknown_fields)]
 pub struct Underlay {
     /// IPv4 block for node addresses; node *i* (from 0) gets host *i + 1*.
-    /// Default 192.0.2.0/24 (TEST-NET-1).
+    /// Default 198.51.100.0/24 (TEST-NET-2; TEST-NET-1 is often a host's own network in test environments).
     #[serde(default = "default_underlay_cidr")]
     pub cidr: Ipv4Net,
     /// IPv6 block for node addresses, numbered as for IPv4.
@@ -82,7 +82,7 @@ impl Default for Underlay {
 }
 
 fn default_underlay_cidr() -> Ipv4Net {
-    Ipv4Net::new(Ipv4Addr::new(192, 0, 2, 0), 24).expect("valid prefix length")
+    Ipv4Net::new(Ipv4Addr::new(198, 51, 100, 0), 24).expect("valid prefix length")
 }
 fn default_underlay_cidr6() -> Ipv6Net {
     Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 0), 64).expect("valid prefix length")
@@ -633,8 +633,8 @@ pods:
     fn example_parses_and_plans() {
         let t = Topology::parse(EXAMPLE).expect("example is valid");
         let plan = t.plan();
-        assert_eq!(plan.nodes[0].underlay_ip, Ipv4Addr::new(192, 0, 2, 1));
-        assert_eq!(plan.nodes[1].underlay_ip, Ipv4Addr::new(192, 0, 2, 2));
+        assert_eq!(plan.nodes[0].underlay_ip, Ipv4Addr::new(198, 51, 100, 1));
+        assert_eq!(plan.nodes[1].underlay_ip, Ipv4Addr::new(198, 51, 100, 2));
         assert_eq!(
             plan.nodes[1].underlay_ip6,
             "2001:db8:0:1::2".parse::<Ipv6Addr>().unwrap()
@@ -677,10 +677,10 @@ pods:
             "{e}"
         );
         let e = err(
-            "name: x\nunderlay: {cidr: 192.0.2.0/31}\nnodes: [{name: a}, {name: b}, {name: c}]\n",
+            "name: x\nunderlay: {cidr: 198.51.100.0/31}\nnodes: [{name: a}, {name: b}, {name: c}]\n",
         );
         assert!(
-            e.starts_with("underlay.cidr: 192.0.2.0/31 has room for 2 nodes"),
+            e.starts_with("underlay.cidr: 198.51.100.0/31 has room for 2 nodes"),
             "{e}"
         );
     }

@@ -234,16 +234,16 @@ fn two_labs_run_at_once_and_down_removes_only_its_own() {
     let lab_a = Lab::up(topo(&a), &opts(dir.path())).unwrap();
     let lab_b = Lab::up(topo(&b), &opts(dir.path())).unwrap();
     // Same addresses in both labs: they live in separate namespaces.
-    assert!(ping(&lab_a, "x", "192.0.2.2"));
-    assert!(ping(&lab_b, "x", "192.0.2.2"));
+    assert!(ping(&lab_a, "x", "198.51.100.2"));
+    assert!(ping(&lab_b, "x", "198.51.100.2"));
     // The same name twice is refused, and the first lab is untouched.
     let err = Lab::up(topo(&a), &opts(dir.path())).expect_err("duplicate lab");
     assert!(err.to_string().contains("already up"), "{err}");
-    assert!(ping(&lab_a, "y", "192.0.2.1"));
+    assert!(ping(&lab_a, "y", "198.51.100.1"));
     lab_a.down().unwrap();
     assert!(lab_namespaces(&a).is_empty());
     assert_eq!(lab_namespaces(&b).len(), 3);
-    assert!(ping(&lab_b, "y", "192.0.2.1"));
+    assert!(ping(&lab_b, "y", "198.51.100.1"));
 }
 
 fn testbed(state: &Path) -> Command {
@@ -304,7 +304,7 @@ fn cli_up_status_exec_down_and_cleanup_after_a_crash() {
     for key in ["name", "netns", "underlay_ip", "manager_socket"] {
         assert!(nodes[0][key].is_string(), "nodes[].{key}");
     }
-    assert_eq!(nodes[1]["underlay_ip"], "192.0.2.2");
+    assert_eq!(nodes[1]["underlay_ip"], "198.51.100.2");
     let pods = json["pods"].as_array().unwrap();
     let web = pods.iter().find(|p| p["name"] == "web").expect("web pod");
     assert_eq!(web["node"], "node-1");
