@@ -1,0 +1,372 @@
+//! `NetworkService` and `NetworkServiceEndpoint` custom resources, group
+//! `networkservicemesh.io`, version `v1`, shaped as NSM's: the `spec` of
+//! each is the registry message with its proto field names (snake_case), so
+//! that NSM manifests apply unchanged and a registry entry converts to an
+//! object and back without loss.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use kube::CustomResourceExt;
+use nsm_proto::registry;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of NSM's resources.
+pub const GROUP: &str = "networkservicemesh.io";
+
+/// A network service: a name clients ask for, its payload and its matches.
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "networkservicemesh.io",
+    version = "v1",
+    kind = "NetworkService",
+    plural = "networkservices",
+    shortname = "netsvc",
+    namespaced
+)]
+pub struct NetworkServiceSpec {
+    /// The service's name; empty means the object's name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// `IP` or `ETHERNET`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub payload: String,
+    /// Selection rules, first match wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<Match>,
+    /// Path ids (NSM's interdomain bookkeeping).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_ids: Vec<String>,
+}
+
+/// One selection rule: clients whose labels contain `source_selector` go to
+/// endpoints that `routes` select.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+pub struct Match {
+    /// Labels the request must carry (empty matches every request).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_selector: BTreeMap<String, String>,
+    /// Where matching requests go.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Destination>,
+    /// Move on to the next match when no endpoint is selected.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fallthrough: bool,
+    /// Extra labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+}
+
+/// Labels of a match.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+pub struct Metadata {
+    /// The labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Endpoints selected by their labels for this service.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+pub struct Destination {
+    /// Labels the endpoint must carry for the service.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub destination_selector: BTreeMap<String, String>,
+    /// Relative weight among the routes of a match.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub weight: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// A registered endpoint: which services it serves, with which labels, where.
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "networkservicemesh.io",
+    version = "v1",
+    kind = "NetworkServiceEndpoint",
+    plural = "networkserviceendpoints",
+    shortname = "nse",
+    namespaced
+)]
+pub struct NetworkServiceEndpointSpec {
+    /// The endpoint's name; empty means the object's name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Services it serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_service_names: Vec<String>,
+    /// Its labels per service.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub network_service_labels: BTreeMap<String, NetworkServiceLabels>,
+    /// Where its manager reaches it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    /// When the registration lapses unless refreshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiration_time: Option<Timestamp>,
+    /// When it first registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_registration_time: Option<Timestamp>,
+    /// Path ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_ids: Vec<String>,
+}
+
+/// Labels of an endpoint for one service.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+pub struct NetworkServiceLabels {
+    /// The labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A protobuf timestamp as NSM's Go types write it in JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct Timestamp {
+    /// Seconds since the Unix epoch.
+    #[serde(default)]
+    pub seconds: i64,
+    /// Nanoseconds within the second.
+    #[serde(default)]
+    pub nanos: i32,
+}
+
+impl From<prost_types::Timestamp> for Timestamp {
+    fn from(t: prost_types::Timestamp) -> Self {
+        Timestamp {
+            seconds: t.seconds,
+            nanos: t.nanos,
+        }
+    }
+}
+
+impl From<Timestamp> for prost_types::Timestamp {
+    fn from(t: Timestamp) -> Self {
+        prost_types::Timestamp {
+            seconds: t.seconds,
+            nanos: t.nanos,
+        }
+    }
+}
+
+impl NetworkService {
+    /// The registry message; the object's name stands in for an empty `spec.name`.
+    pub fn to_registry(&self) -> registry::NetworkService {
+        let s = &self.spec;
+        registry::NetworkService {
+            name: if s.name.is_empty() {
+                self.metadata.name.clone().unwrap_or_default()
+            } else {
+                s.name.clone()
+            },
+            payload: s.payload.clone(),
+            matches: s
+                .matches
+                .iter()
+                .map(|m| registry::Match {
+                    source_selector: m.source_selector.clone().into_iter().collect(),
+                    routes: m
+                        .routes
+                        .iter()
+                        .map(|d| registry::Destination {
+                            destination_selector: d
+                                .destination_selector
+                                .clone()
+                                .into_iter()
+                                .collect(),
+                            weight: d.weight,
+                        })
+                        .collect(),
+                    fallthrough: m.fallthrough,
+                    metadata: m.metadata.as_ref().map(|md| registry::Metadata {
+                        labels: md.labels.clone().into_iter().collect(),
+                    }),
+                })
+                .collect(),
+            path_ids: s.path_ids.clone(),
+        }
+    }
+
+    /// The object for a registry message (named after the service).
+    pub fn from_registry(ns: &registry::NetworkService) -> Self {
+        NetworkService::new(
+            &ns.name,
+            NetworkServiceSpec {
+                name: ns.name.clone(),
+                payload: ns.payload.clone(),
+                matches: ns
+                    .matches
+                    .iter()
+                    .map(|m| Match {
+                        source_selector: m.source_selector.clone().into_iter().collect(),
+                        routes: m
+                            .routes
+                            .iter()
+                            .map(|d| Destination {
+                                destination_selector: d
+                                    .destination_selector
+                                    .clone()
+                                    .into_iter()
+                                    .collect(),
+                                weight: d.weight,
+                            })
+                            .collect(),
+                        fallthrough: m.fallthrough,
+                        metadata: m.metadata.as_ref().map(|md| Metadata {
+                            labels: md.labels.clone().into_iter().collect(),
+                        }),
+                    })
+                    .collect(),
+                path_ids: ns.path_ids.clone(),
+            },
+        )
+    }
+}
+
+impl NetworkServiceEndpoint {
+    /// The registry message; the object's name stands in for an empty `spec.name`.
+    pub fn to_registry(&self) -> registry::NetworkServiceEndpoint {
+        let s = &self.spec;
+        registry::NetworkServiceEndpoint {
+            name: if s.name.is_empty() {
+                self.metadata.name.clone().unwrap_or_default()
+            } else {
+                s.name.clone()
+            },
+            network_service_names: s.network_service_names.clone(),
+            network_service_labels: s
+                .network_service_labels
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        registry::NetworkServiceLabels {
+                            labels: v.labels.clone().into_iter().collect(),
+                        },
+                    )
+                })
+                .collect(),
+            url: s.url.clone(),
+            expiration_time: s.expiration_time.map(Into::into),
+            initial_registration_time: s.initial_registration_time.map(Into::into),
+            path_ids: s.path_ids.clone(),
+        }
+    }
+
+    /// The object for a registry message (named after the endpoint).
+    pub fn from_registry(nse: &registry::NetworkServiceEndpoint) -> Self {
+        NetworkServiceEndpoint::new(
+            &nse.name,
+            NetworkServiceEndpointSpec {
+                name: nse.name.clone(),
+                network_service_names: nse.network_service_names.clone(),
+                network_service_labels: nse
+                    .network_service_labels
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            NetworkServiceLabels {
+                                labels: v.labels.clone().into_iter().collect(),
+                            },
+                        )
+                    })
+                    .collect(),
+                url: nse.url.clone(),
+                expiration_time: nse.expiration_time.map(Into::into),
+                initial_registration_time: nse.initial_registration_time.map(Into::into),
+                path_ids: nse.path_ids.clone(),
+            },
+        )
+    }
+}
+
+/// Every CRD of nsm-rs, in the order they are applied.
+pub fn all()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    vec![NetworkService::crd(), NetworkServiceEndpoint::crd()]
+}
+
+/// The CRDs as one multi-document YAML file (what `deploy/crds.yaml` holds).
+pub fn yaml() -> String {
+    let mut out = String::from(
+        "# Generated by `cargo run -p nsm-k8s --bin nsm-crdgen` from k8s/src/crd.rs: do not edit.\n",
+    );
+    for crd in all() {
+        out.push_str("---\n");
+        out.push_str(&serde_norway::to_string(&crd).expect("a CRD serializes"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An NSM manifest, as NSM's documentation writes it.
+    const NSM_MANIFEST: &str = r#"
+apiVersion: networkservicemesh.io/v1
+kind: NetworkService
+metadata:
+  name: secure-net
+  namespace: nsm-system
+spec:
+  payload: IP
+  matches:
+    - source_selector:
+        app: firewall
+      routes:
+        - destination_selector:
+            app: vpn-gateway
+    - routes:
+        - destination_selector:
+            app: firewall
+      fallthrough: true
+"#;
+
+    #[test]
+    fn nsm_manifest_converts_to_the_registry_message() {
+        let ns: NetworkService = serde_norway::from_str(NSM_MANIFEST).unwrap();
+        let r = ns.to_registry();
+        assert_eq!(r.name, "secure-net");
+        assert_eq!(r.payload, "IP");
+        assert_eq!(r.matches[0].source_selector["app"], "firewall");
+        assert_eq!(
+            r.matches[0].routes[0].destination_selector["app"],
+            "vpn-gateway"
+        );
+        assert!(r.matches[1].fallthrough);
+        let back = NetworkService::from_registry(&r);
+        assert_eq!(back.to_registry(), r);
+    }
+
+    #[test]
+    fn endpoint_round_trips() {
+        let nse = registry::NetworkServiceEndpoint {
+            name: "echo".into(),
+            network_service_names: vec!["secure-net".into()],
+            network_service_labels: [(
+                "secure-net".to_string(),
+                registry::NetworkServiceLabels {
+                    labels: [("app".to_string(), "echo".to_string())].into(),
+                },
+            )]
+            .into(),
+            url: "tcp://198.51.100.2:5001".into(),
+            expiration_time: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 5,
+            }),
+            ..Default::default()
+        };
+        let obj = NetworkServiceEndpoint::from_registry(&nse);
+        let json = serde_json::to_value(&obj).unwrap();
+        assert_eq!(json["spec"]["network_service_names"][0], "secure-net");
+        assert_eq!(json["spec"]["expiration_time"]["seconds"], 1_800_000_000i64);
+        assert_eq!(obj.to_registry(), nse);
+    }
+}

@@ -1,0 +1,93 @@
+//! `nsm-endpoint`: a minimal network service endpoint for a pod.
+//!
+//! Thin shell over [`nsm_manager::endpoint`]: serves NetworkService on its
+//! own socket, registers through the local manager, refreshes, and
+//! unregisters on SIGTERM. It never moves packets.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use nsm_manager::endpoint::{EndpointOptions, start_endpoint};
+
+/// A minimal NSM endpoint: accepts every connection of one network service; the
+/// forwarder puts the interface into this process's network namespace.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Endpoint name, unique in the lab.
+    #[arg(long)]
+    name: String,
+    /// The network service this endpoint offers.
+    #[arg(long)]
+    service: String,
+    /// Labels for the service, k=v,k2=v2 (matched by destination selectors).
+    #[arg(long, default_value = "")]
+    labels: String,
+    /// The local manager's unix socket.
+    #[arg(long, default_value = "/var/lib/networkservicemesh/nsm.io.sock")]
+    manager: PathBuf,
+    /// Unix socket this endpoint serves on (registered as unix://PATH).
+    #[arg(long)]
+    listen: PathBuf,
+    /// Registration lifetime in seconds; refreshed every third of it.
+    #[arg(long, default_value_t = 60)]
+    registration_lifetime_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: the testbed writes logs to files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let labels = match nsm_manager::parse_labels(&args.labels) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("nsm-endpoint: --labels: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Ok(rt) = tokio::runtime::Runtime::new() else {
+        eprintln!("nsm-endpoint: cannot start the runtime");
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async move {
+        let opts = EndpointOptions {
+            name: args.name,
+            service: args.service,
+            labels,
+            manager: args.manager,
+            listen: args.listen,
+            registration_lifetime: Duration::from_secs(args.registration_lifetime_secs.max(3)),
+            inode_url: None,
+        };
+        // The manager may come up after us: retry registration for a while.
+        let mut tries = 0;
+        let handle = loop {
+            match start_endpoint(opts.clone()).await {
+                Ok(h) => break h,
+                Err(e) if tries < 30 => {
+                    tracing::warn!(error = %e, "not registered yet; retrying");
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    eprintln!("nsm-endpoint: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        };
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut t), Ok(mut i)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+        }
+        handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,159 @@
+//! `nsm-manager`: the control plane of one node, as a process.
+//!
+//! Thin shell over [`nsm_manager::server::start`]: parses flags, loads the
+//! config, logs to stderr, and turns SIGTERM/SIGINT into a graceful shutdown
+//! (listeners closed, state kept, cross-connects left programmed). It holds
+//! no logic of its own so that tests exercise the same code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nsm_manager::config::Config;
+use nsm_manager::server::{Options, start};
+
+/// The nsm-rs control plane of one node: NSM-compatible gRPC API (NetworkService,
+/// MonitorConnection, registries), endpoint selection, IPAM, connection lifecycle.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Node name; used as the name of this manager's path segments.
+    #[arg(long, env = "NSM_NAME")]
+    name: String,
+    /// Unix socket for local clients (NSCs, endpoints, CNI plugin, nsmctl).
+    #[arg(long, default_value = "/var/lib/networkservicemesh/nsm.io.sock")]
+    listen: PathBuf,
+    /// TCP address (IP:PORT) peer managers connect to.
+    #[arg(long, default_value = "0.0.0.0:5001")]
+    peer_listen: SocketAddr,
+    /// URL peers use to reach this manager, e.g. tcp://192.0.2.1:5001. Default: the
+    /// --peer-listen address, with 0.0.0.0 replaced by this host's source address
+    /// towards 192.0.2.1 (pass it explicitly on multi-homed hosts).
+    #[arg(long)]
+    advertise_url: Option<String>,
+    /// Unix socket of this node's nsm-forwarder.
+    #[arg(long, default_value = "/var/lib/networkservicemesh/forwarder.sock")]
+    forwarder: PathBuf,
+    /// Directory of the durable state (connections, registry, IPAM leases), one
+    /// JSON file per table, written atomically.
+    #[arg(long, default_value = "/var/lib/nsm-manager")]
+    state_dir: PathBuf,
+    /// URL (tcp://IP:PORT) of the manager that serves the lab's registry and IPAM.
+    /// Absent: this manager serves them (and needs --config for address pools).
+    #[arg(long)]
+    registry: Option<String>,
+    /// YAML file with the network services and their address pools:
+    /// `services: [{name, payload: IP|ETHERNET, cidr: [CIDR...], excluded: [CIDR...]}]`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Lifetime of a path segment (token): a connection not refreshed within it is
+    /// closed. Units: ms, s, m or h (e.g. 600s, 10m).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    max_token_lifetime: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 600s or 10m"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(format!("`{s}`: unit must be ms, s, m or h")),
+    };
+    if ms == 0 {
+        return Err("the lifetime must be positive".into());
+    }
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: the testbed writes logs to files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = match &args.config {
+        Some(p) => match Config::load(p) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("nsm-manager: config {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    if args.registry.is_some() && !config.services.is_empty() {
+        tracing::warn!("--config pools are ignored: --registry names the manager that owns IPAM");
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nsm-manager: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let opts = Options {
+            name: args.name,
+            listen: args.listen,
+            peer_listen: args.peer_listen,
+            advertise_url: args.advertise_url,
+            forwarder: args.forwarder,
+            state_dir: Some(args.state_dir),
+            registry: args.registry,
+            config,
+            max_token_lifetime: args.max_token_lifetime,
+        };
+        let handle = match start(opts).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("nsm-manager: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down (state kept)");
+        handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m").unwrap().as_secs(), 600);
+        assert_eq!(parse_duration("500ms").unwrap().as_millis(), 500);
+        assert_eq!(parse_duration("3").unwrap().as_secs(), 3);
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("1d").is_err());
+        Args::parse_from(["nsm-manager", "--name", "n"]);
+    }
+}

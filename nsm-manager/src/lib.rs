@@ -1,0 +1,54 @@
+//! `nsm-manager`: the control plane of one node.
+//!
+//! Owns the NSM-compatible gRPC API (NetworkService Request/Close,
+//! MonitorConnection, the two registries), endpoint selection, IPAM, the
+//! connection table and its lifecycle (expiry, refresh, healing), and the
+//! programming of the local forwarder over `nsm_proto::forwarder::v1`.
+//!
+//! It must never link `nsm-dataplane` or `nsm-forwarder`, nor enter a
+//! network namespace or touch packets: the control plane and the hot path
+//! meet only at the forwarder's gRPC API on a unix socket.
+//!
+//! Module map:
+//! - [`server`]: assembly of one manager (listeners, services, tasks);
+//! - [`manager`]: the connection engine (Request/Close, expiry, refresh,
+//!   forwarder reconciliation, monitor events);
+//! - [`registry`]: the registries, local store or forwarding to the
+//!   registry manager, with the endpoint URL rewrite;
+//! - [`ipam`]: point-to-point address pairs, one owner per lab;
+//! - [`select`]: NSM's match semantics for endpoint selection;
+//! - [`forwarder`]: client and watcher of the local forwarder;
+//! - [`netns`]: `inodeURL` parsing and resolution to a path;
+//! - [`config`]: the registry manager's `--config` file;
+//! - [`store`]: the durable tables under `--state-dir`;
+//! - [`endpoint`]: the minimal NSE behind `nsm-endpoint`;
+//! - [`util`]: ids, timestamps, dialing URLs.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod endpoint;
+pub mod forwarder;
+pub mod ipam;
+pub mod manager;
+pub mod netns;
+pub mod registry;
+pub mod select;
+pub mod server;
+pub mod store;
+pub mod util;
+
+/// Parses `k=v,k2=v2` (empty string = no labels).
+///
+/// # Errors
+/// An item without `=` or with an empty key.
+pub fn parse_labels(s: &str) -> Result<std::collections::HashMap<String, String>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+        .map(|i| match i.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("label `{i}` is not key=value")),
+        })
+        .collect()
+}

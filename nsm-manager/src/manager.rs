@@ -1,0 +1,1327 @@
+//! The connection engine of one node: Request/Close/expiry/refresh, the
+//! connection table, and the forwarder programming flow.
+//!
+//! Roles of a connection at this manager:
+//! - **client side** (a KERNEL request from a local client): path segment,
+//!   service lookup, endpoint selection, IPAM (this manager owns the lease),
+//!   then either one kernel<->kernel cross-connect with a local endpoint, or
+//!   a kernel->wireguard cross-connect and the Request forwarded to the
+//!   endpoint's manager with a WIREGUARD preference carrying `src_*`;
+//! - **endpoint side** (a WIREGUARD request from a peer manager): the
+//!   addresses come with the request; a wireguard->kernel cross-connect
+//!   towards the local endpoint, `dst_*` filled in the reply.
+//!
+//! The endpoint is asked (its own `Request`) before its side is programmed
+//! because it reports its network namespace in the reply (`inodeURL`), as
+//! NSM endpoints do. A new connection that fails midway is undone step by
+//! step; a failed refresh leaves the established connection alone until it
+//! expires, as NSM does.
+//!
+//! This module never touches a network namespace: it only tells the
+//! forwarder what to do.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use nsm_proto::connection::{
+    Connection, ConnectionEvent, ConnectionEventType, Mechanism, MonitorScopeSelector, Path,
+    PathSegment, State,
+};
+use nsm_proto::connectioncontext::{ConnectionContext, IpContext, Route as CtxRoute};
+use nsm_proto::forwarder::v1::side::Kind;
+use nsm_proto::forwarder::v1::{
+    CrossConnect, CrossConnectStatus, KernelInterface, Payload as FwdPayload, Route as FwdRoute,
+    Side, WireguardTunnel,
+};
+use nsm_proto::mechanisms::{self, cls, kernel, wireguard};
+use nsm_proto::networkservice::NetworkServiceRequest;
+use nsm_proto::networkservice::network_service_client::NetworkServiceClient;
+use nsm_proto::registry::NetworkServiceEndpoint;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tonic::Status;
+
+use crate::forwarder::{Forwarder, ForwarderError};
+use crate::ipam::{IpamBackend, IpamError};
+use crate::netns::{self, NetnsError, NetnsRef};
+use crate::registry::{LocalEndpoints, RegistryBackend};
+use crate::select::{self, SelectError};
+use crate::store::{Pb, StoreError, Table};
+use crate::util::{Channels, to_ts};
+
+/// Token placeholder in our path segments: nsm-rs does not sign tokens yet
+/// (NSM uses SPIFFE JWTs); the field is kept so NSM peers see a value.
+pub const TOKEN_PLACEHOLDER: &str = "nsm-rs-unsigned";
+
+/// Why a Request failed; every variant names what and why.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The service is not in the registry.
+    #[error("network service `{0}` is not registered")]
+    UnknownService(String),
+    /// Selection found no endpoint.
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    /// The request itself is unusable.
+    #[error("bad request for network service `{service}`: {what}")]
+    BadRequest {
+        /// The service asked for.
+        service: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// Addresses could not be had.
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    /// The client's or endpoint's namespace reference is unusable.
+    #[error("network namespace: {0}")]
+    Netns(#[from] NetnsError),
+    /// The local forwarder failed.
+    #[error(transparent)]
+    Forwarder(#[from] ForwarderError),
+    /// The endpoint (local NSE) refused or failed.
+    #[error("endpoint `{name}` at {url}: {}", status.message())]
+    Endpoint {
+        /// Endpoint name.
+        name: String,
+        /// Its local URL.
+        url: String,
+        /// Its answer.
+        status: Status,
+    },
+    /// The endpoint's manager refused or failed.
+    #[error("peer manager {url} (endpoint `{name}`): {}", status.message())]
+    Peer {
+        /// Endpoint name.
+        name: String,
+        /// Peer manager URL.
+        url: String,
+        /// Its answer.
+        status: Status,
+    },
+    /// The registry could not be asked.
+    #[error("registry: {}", .0.message())]
+    Registry(Status),
+    /// The connection table could not be written.
+    #[error("connection table: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Status {
+        let msg = e.to_string();
+        match e {
+            RequestError::UnknownService(_) => Status::not_found(msg),
+            RequestError::Select(SelectError::NoEndpoints(_)) => Status::not_found(msg),
+            RequestError::Select(SelectError::NoMatch { .. }) => Status::failed_precondition(msg),
+            RequestError::BadRequest { .. } | RequestError::Netns(_) => {
+                Status::invalid_argument(msg)
+            }
+            RequestError::Ipam(i) => {
+                let s: Status = i.into();
+                Status::new(s.code(), msg)
+            }
+            RequestError::Forwarder(f) => {
+                let s: Status = f.into();
+                Status::new(s.code(), msg)
+            }
+            RequestError::Endpoint { status, .. } | RequestError::Peer { status, .. } => {
+                Status::new(status.code(), msg)
+            }
+            RequestError::Registry(s) => Status::new(s.code(), msg),
+            RequestError::Store(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// Static settings of a manager.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Node name: our path segments' name.
+    pub name: String,
+    /// How peers reach us (`tcp://IP:PORT`); registered as our endpoints' url.
+    pub advertise_url: String,
+    /// The forwarder's unix socket.
+    pub forwarder: PathBuf,
+    /// Lifetime of our path segments (and so of unrefreshed connections).
+    pub max_token_lifetime: Duration,
+}
+
+/// Where this connection's client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// A local client asked (KERNEL); this manager owns the lease.
+    Client,
+    /// A peer manager asked (WIREGUARD); the endpoint is local.
+    Endpoint,
+}
+
+/// One connection as this manager keeps it (durably).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// Our connection id (our path segment's id): the key of the table, the
+    /// cross-connect id and the lease key.
+    pub id: String,
+    /// The connection as returned to the previous hop.
+    pub conn: Pb<Connection>,
+    /// The mechanism preferences it was requested with (for self-refresh).
+    pub preferences: Vec<Pb<Mechanism>>,
+    /// Which side we are.
+    pub role: Role,
+    /// Selected endpoint.
+    pub endpoint_name: String,
+    /// The next hop: the endpoint's local URL, or the peer manager's URL.
+    pub next_url: String,
+    /// Whether the next hop is a peer manager.
+    pub remote: bool,
+    /// The connection as the next hop returned it (what Close sends there).
+    pub downstream: Pb<Connection>,
+    /// What the forwarder was last told.
+    pub xconnect: Pb<CrossConnect>,
+    /// Service of the lease this manager owns (keyed by the connection id).
+    pub lease: Option<String>,
+    /// Refreshed by the manager itself (`nsm-managed: true`).
+    pub managed: bool,
+    /// Expiry of our segment, ms since the epoch.
+    pub expires_ms: u64,
+    /// Last (re)request, ms since the epoch (drives self-refresh).
+    pub refreshed_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+fn dur_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct Manager {
+    settings: Settings,
+    conns: Arc<Table<Record>>,
+    local_nses: LocalEndpoints,
+    registry: RegistryBackend,
+    ipam: IpamBackend,
+    forwarder: Forwarder,
+    channels: Channels,
+    events: broadcast::Sender<ConnectionEvent>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    rr: AtomicUsize,
+}
+
+/// Applies NSM's `updatepath` to `path` for hop `name`: returns the path
+/// with `index` at our segment (reused on refresh, appended when new) and
+/// the index of the previous hop's segment (to restore in the reply).
+pub fn update_path(path: Option<Path>, name: &str, conn_id: &str) -> (Path, u32) {
+    let mut path = path.unwrap_or_default();
+    if path.path_segments.is_empty() {
+        let id = if conn_id.is_empty() {
+            crate::util::uuid()
+        } else {
+            conn_id.to_string()
+        };
+        path.path_segments.push(PathSegment {
+            name: name.to_string(),
+            id,
+            ..Default::default()
+        });
+        path.index = 0;
+        return (path, 0);
+    }
+    let prev = path
+        .index
+        .min(u32::try_from(path.path_segments.len() - 1).unwrap_or(0));
+    let i = prev as usize;
+    if path.path_segments[i].name == name {
+        path.index = prev;
+        return (path, prev);
+    }
+    let next = i + 1;
+    if next < path.path_segments.len() && path.path_segments[next].name == name {
+        path.index = prev + 1;
+        return (path, prev);
+    }
+    path.path_segments.truncate(next);
+    path.path_segments.push(PathSegment {
+        name: name.to_string(),
+        id: crate::util::uuid(),
+        ..Default::default()
+    });
+    path.index = prev + 1;
+    (path, prev)
+}
+
+fn mech(typ: &str, class: &str, params: HashMap<String, String>) -> Mechanism {
+    Mechanism {
+        cls: class.to_string(),
+        r#type: typ.to_string(),
+        parameters: params,
+    }
+}
+
+fn kernel_side(
+    netns: &str,
+    name: &str,
+    payload: &str,
+    addrs: &[String],
+    routes: &[CtxRoute],
+    mtu: u32,
+) -> Side {
+    Side {
+        kind: Some(Kind::Kernel(KernelInterface {
+            netns_path: netns.to_string(),
+            name: name.to_string(),
+            payload: if payload == mechanisms::payload::ETHERNET {
+                FwdPayload::Ethernet as i32
+            } else {
+                FwdPayload::Ip as i32
+            },
+            addresses: addrs.to_vec(),
+            routes: routes
+                .iter()
+                .map(|r| FwdRoute {
+                    prefix: r.prefix.clone(),
+                    next_hop: r.next_hop.clone(),
+                })
+                .collect(),
+            mtu,
+            ..Default::default()
+        })),
+    }
+}
+
+fn wg_side(ip: &str, port: u32, key: &str) -> Side {
+    Side {
+        kind: Some(Kind::Wireguard(WireguardTunnel {
+            peer_ip: ip.to_string(),
+            peer_port: port,
+            peer_public_key: key.to_string(),
+            persistent_keepalive_secs: 0,
+        })),
+    }
+}
+
+/// Interface name for the endpoint side: unique per connection at this node,
+/// within the kernel's 15 bytes.
+fn nse_ifname(id: &str) -> String {
+    let s: String = id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(10)
+        .collect();
+    format!("nsm-{s}")
+}
+
+fn netns_of(m: &Mechanism) -> Result<String, NetnsError> {
+    let r = if let Some(url) = m
+        .parameters
+        .get(kernel::INODE_URL)
+        .filter(|u| !u.is_empty())
+    {
+        netns::parse_url(url)?
+    } else if let Some(ino) = m
+        .parameters
+        .get(kernel::NETNS_INODE)
+        .and_then(|i| i.parse().ok())
+    {
+        NetnsRef::Inode { dev: 0, ino }
+    } else {
+        return Err(NetnsError::BadUrl(String::new()));
+    };
+    Ok(netns::resolve(&r)?.display().to_string())
+}
+
+fn ip_context(conn: &Connection) -> IpContext {
+    conn.context
+        .as_ref()
+        .and_then(|c| c.ip_context.clone())
+        .unwrap_or_default()
+}
+
+impl Manager {
+    /// Opens the connection table and builds the engine.
+    ///
+    /// # Errors
+    /// The table cannot be read.
+    pub fn open(
+        settings: Settings,
+        state_dir: Option<&std::path::Path>,
+        local_nses: LocalEndpoints,
+        registry: RegistryBackend,
+        ipam: IpamBackend,
+    ) -> Result<Manager, StoreError> {
+        Ok(Manager {
+            forwarder: Forwarder::new(&settings.forwarder),
+            settings,
+            conns: Table::open(state_dir, "connections")?,
+            local_nses,
+            registry,
+            ipam,
+            channels: Channels::default(),
+            events: broadcast::channel(1024).0,
+            locks: Mutex::new(HashMap::new()),
+            rr: AtomicUsize::new(0),
+        })
+    }
+
+    /// Settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// All connections held, as their records.
+    pub fn records(&self) -> Vec<Record> {
+        self.conns.all().into_iter().map(|(_, r)| r).collect()
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(id.to_string()).or_default().clone()
+    }
+
+    fn emit(&self, t: ConnectionEventType, conn: &Connection) {
+        let _ = self.events.send(ConnectionEvent {
+            r#type: t as i32,
+            connections: [(conn.id.clone(), conn.clone())].into(),
+        });
+    }
+
+    /// A Request from a client or a peer (told apart by the mechanism:
+    /// peers ask for WIREGUARD). `managed` = `nsm-managed: true`.
+    ///
+    /// # Errors
+    /// [`RequestError`], with nothing left behind for a new connection.
+    pub async fn request(
+        &self,
+        req: NetworkServiceRequest,
+        managed: bool,
+    ) -> Result<Connection, RequestError> {
+        self.request_inner(req, managed, false)
+            .await
+            .map(Option::unwrap_or_default)
+    }
+
+    /// [`Manager::request`]; with `only_refresh`, a connection closed in the
+    /// meantime is left closed (returns `None`) instead of being re-created.
+    async fn request_inner(
+        &self,
+        req: NetworkServiceRequest,
+        managed: bool,
+        only_refresh: bool,
+    ) -> Result<Option<Connection>, RequestError> {
+        let mut conn = req.connection.clone().unwrap_or_default();
+        let service = conn.network_service.clone();
+        let bad = |what: &str| RequestError::BadRequest {
+            service: service.clone(),
+            what: what.to_string(),
+        };
+        if service.is_empty() {
+            return Err(bad("network_service is empty"));
+        }
+        let (path, prev_index) = update_path(conn.path.take(), &self.settings.name, &conn.id);
+        let idx = path.index as usize;
+        let id = path.path_segments[idx].id.clone();
+        let lock = self.lock_for(&id);
+        let _guard = lock.lock().await;
+        let existing = self.conns.get(&id);
+        if only_refresh && existing.is_none() {
+            return Ok(None);
+        }
+        conn.id = id.clone();
+        conn.path = Some(path);
+        let mut expires = SystemTime::now() + self.settings.max_token_lifetime;
+        // As NSM servers do, the connection lives no longer than the previous
+        // hop's token: that hop refreshes before its own expiry.
+        if prev_index as usize != idx
+            && let Some(prev) = conn
+                .path
+                .as_ref()
+                .and_then(|p| p.path_segments.get(prev_index as usize))
+                .and_then(|s| s.expires.as_ref())
+                .map(crate::util::from_ts)
+            && prev > SystemTime::now()
+        {
+            expires = expires.min(prev);
+        }
+        if let Some(seg) = conn
+            .path
+            .as_mut()
+            .and_then(|p| p.path_segments.get_mut(idx))
+        {
+            seg.expires = Some(to_ts(expires));
+            seg.token = TOKEN_PLACEHOLDER.to_string();
+        }
+        let wg = req
+            .mechanism_preferences
+            .iter()
+            .find(|m| m.r#type == mechanisms::WIREGUARD);
+        let result = match wg {
+            Some(wg) => {
+                self.request_endpoint_side(&conn, wg.clone(), existing.as_ref())
+                    .await
+            }
+            None => {
+                let k = req
+                    .mechanism_preferences
+                    .iter()
+                    .find(|m| m.r#type == mechanisms::KERNEL)
+                    .ok_or_else(|| bad("no KERNEL (or WIREGUARD) mechanism preference"))?;
+                self.request_client_side(&conn, k.clone(), existing.as_ref())
+                    .await
+            }
+        };
+        let mut rec = match result {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::warn!(id = %id, service = %service, error = %e, "request failed");
+                return Err(e);
+            }
+        };
+        if rec.conn.0.path.is_none() {
+            // A next hop that dropped the path must not make us lose our segment.
+            rec.conn.0.path = conn.path.clone();
+        }
+        rec.managed = managed || existing.as_ref().is_some_and(|e| e.managed);
+        rec.preferences = req.mechanism_preferences.iter().cloned().map(Pb).collect();
+        rec.expires_ms = dur_ms(expires.duration_since(UNIX_EPOCH).unwrap_or_default());
+        rec.refreshed_ms = now_ms();
+        // The reply points back at the caller's segment (index and id), as
+        // NSM's updatepath restores them on the way back.
+        if let Some(p) = rec.conn.0.path.as_mut() {
+            p.index = prev_index;
+            if let Some(seg) = p.path_segments.get(prev_index as usize) {
+                rec.conn.0.id = seg.id.clone();
+            }
+        }
+        if let Err(e) = self.conns.put(&id, rec.clone()) {
+            if existing.is_none() {
+                self.teardown(&rec).await;
+            }
+            return Err(e.into());
+        }
+        tracing::info!(id = %id, service = %service, endpoint = %rec.endpoint_name, remote = rec.remote, "connection up");
+        self.emit(ConnectionEventType::Update, &rec.conn.0);
+        Ok(Some(rec.conn.0))
+    }
+
+    async fn pick_endpoint(
+        &self,
+        conn: &Connection,
+        existing: Option<&Record>,
+        only_local: bool,
+    ) -> Result<NetworkServiceEndpoint, RequestError> {
+        let service = &conn.network_service;
+        let ns = self
+            .registry
+            .get_service(service)
+            .await
+            .map_err(RequestError::Registry)?
+            .ok_or_else(|| RequestError::UnknownService(service.clone()))?;
+        let mut eps = self
+            .registry
+            .endpoints_of(service)
+            .await
+            .map_err(RequestError::Registry)?;
+        if only_local {
+            eps.retain(|e| e.url == self.settings.advertise_url);
+        }
+        let cands = select::candidates(&ns, &eps, &conn.labels)?;
+        let prefer = existing
+            .map(|r| r.endpoint_name.as_str())
+            .filter(|n| !n.is_empty())
+            .or(Some(conn.network_service_endpoint_name.as_str()).filter(|n| !n.is_empty()));
+        // RESELECT_REQUESTED (NSM healing after data-plane death) asks for
+        // a fresh choice; anything else sticks to the endpoint it had.
+        let reselect = conn.state == State::ReselectRequested as i32;
+        if let Some(name) = prefer.filter(|_| !reselect)
+            && let Some(e) = cands.iter().find(|e| e.name == name)
+        {
+            return Ok((*e).clone());
+        }
+        let mut cands = cands;
+        if reselect && cands.len() > 1 {
+            // The old endpoint (or its data path) just failed: prefer another.
+            cands.retain(|e| Some(e.name.as_str()) != prefer);
+        }
+        let i = self.rr.fetch_add(1, Ordering::Relaxed) % cands.len();
+        Ok(cands[i].clone())
+    }
+
+    fn local_url(&self, nse: &NetworkServiceEndpoint) -> Option<String> {
+        if nse.url == self.settings.advertise_url {
+            self.local_nses.get(&nse.name)
+        } else {
+            None
+        }
+    }
+
+    /// Asks the local endpoint to accept `conn`; returns its answer and netns path.
+    async fn ask_endpoint(
+        &self,
+        nse_name: &str,
+        url: &str,
+        conn: &Connection,
+    ) -> Result<(Connection, String), RequestError> {
+        let fail = |status: Status| RequestError::Endpoint {
+            name: nse_name.to_string(),
+            url: url.to_string(),
+            status,
+        };
+        let ch = self
+            .channels
+            .get(url)
+            .map_err(|e| fail(Status::invalid_argument(e.to_string())))?;
+        let mut c = conn.clone();
+        c.network_service_endpoint_name = nse_name.to_string();
+        c.mechanism = None;
+        let params = [(kernel::NAME.to_string(), nse_ifname(&conn.id))].into();
+        let mut req = tonic::Request::new(NetworkServiceRequest {
+            connection: Some(c),
+            mechanism_preferences: vec![mech(mechanisms::KERNEL, cls::LOCAL, params)],
+        });
+        req.set_timeout(Duration::from_secs(15));
+        let reply = NetworkServiceClient::new(ch)
+            .request(req)
+            .await
+            .map_err(fail)?
+            .into_inner();
+        let m = reply.mechanism.clone().unwrap_or_default();
+        let netns = netns_of(&m).map_err(|e| {
+            fail(Status::failed_precondition(format!(
+                "reply names no usable netns: {e}"
+            )))
+        })?;
+        Ok((reply, netns))
+    }
+
+    /// On a refresh that selected another endpoint (the old one is gone or
+    /// no longer matches), the old next hop is closed; the cross-connect id
+    /// stays and is updated in place.
+    async fn close_old_endpoint(&self, existing: Option<&Record>, new_name: &str) {
+        if let Some(old) = existing
+            && old.endpoint_name != new_name
+        {
+            tracing::info!(id = %old.id, from = %old.endpoint_name, to = new_name, "endpoint changed");
+            self.close_endpoint(&old.next_url, &old.downstream.0).await;
+        }
+    }
+
+    async fn close_endpoint(&self, url: &str, conn: &Connection) {
+        let Ok(ch) = self.channels.get(url) else {
+            return;
+        };
+        let mut req = tonic::Request::new(conn.clone());
+        req.set_timeout(Duration::from_secs(10));
+        if let Err(e) = NetworkServiceClient::new(ch).close(req).await {
+            tracing::warn!(id = %conn.id, url, error = %e, "closing at the next hop failed");
+        }
+    }
+
+    async fn request_client_side(
+        &self,
+        conn: &Connection,
+        k: Mechanism,
+        existing: Option<&Record>,
+    ) -> Result<Record, RequestError> {
+        let service = conn.network_service.clone();
+        let bad = |what: String| RequestError::BadRequest {
+            service: service.clone(),
+            what,
+        };
+        let ifname = k
+            .parameters
+            .get(kernel::NAME)
+            .cloned()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| nse_ifname(&conn.id));
+        if !nsm_proto::annotation::valid_ifname(&ifname) {
+            return Err(bad(format!(
+                "interface name `{ifname}` is longer than 15 bytes or invalid"
+            )));
+        }
+        let client_netns = netns_of(&k).map_err(|e| match e {
+            NetnsError::BadUrl(u) if u.is_empty() => {
+                bad("KERNEL mechanism has no inodeURL or netnsInode".into())
+            }
+            e => e.into(),
+        })?;
+        let nse = self.pick_endpoint(conn, existing, false).await?;
+        self.close_old_endpoint(existing, &nse.name).await;
+        let payload = if conn.payload.is_empty() {
+            mechanisms::payload::IP.to_string()
+        } else {
+            conn.payload.clone()
+        };
+        // Addresses: this manager owns the lease of a connection it started.
+        let mut ipc = ip_context(conn);
+        let exclude: Vec<IpNet> = ipc
+            .excluded_prefixes
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let pairs = self.ipam.allocate(&service, &conn.id, &exclude).await?;
+        let new = existing.is_none();
+        let undo_lease = async || {
+            if new && let Err(e) = self.ipam.release(&service, &conn.id).await {
+                tracing::warn!(id = %conn.id, error = %e, "releasing lease after failure");
+            }
+        };
+        ipc.src_ip_addrs = pairs.iter().map(|p| p.client.to_string()).collect();
+        ipc.dst_ip_addrs = pairs.iter().map(|p| p.endpoint.to_string()).collect();
+        ipc.src_routes = pairs
+            .iter()
+            .map(|p| CtxRoute {
+                prefix: p.endpoint.to_string(),
+                next_hop: String::new(),
+            })
+            .collect();
+        ipc.dst_routes = pairs
+            .iter()
+            .map(|p| CtxRoute {
+                prefix: p.client.to_string(),
+                next_hop: String::new(),
+            })
+            .collect();
+        let mut out = conn.clone();
+        out.payload = payload.clone();
+        out.network_service_endpoint_name = nse.name.clone();
+        let mut ctx = out.context.clone().unwrap_or_default();
+        ctx.ip_context = Some(ipc.clone());
+        out.context = Some(ctx.clone());
+        out.state = State::Up as i32;
+        let mtu = ctx.mtu;
+        let client_side = kernel_side(
+            &client_netns,
+            &ifname,
+            &payload,
+            &ipc.src_ip_addrs,
+            &ipc.src_routes,
+            mtu,
+        );
+        let client_mech = mech(mechanisms::KERNEL, cls::LOCAL, k.parameters.clone());
+
+        if let Some(url) = self.local_url(&nse) {
+            // Same node: the endpoint first (it tells us its netns), then one kernel<->kernel cross-connect.
+            let (reply, nse_netns) = match self.ask_endpoint(&nse.name, &url, &out).await {
+                Ok(r) => r,
+                Err(e) => {
+                    undo_lease().await;
+                    return Err(e);
+                }
+            };
+            let xc = CrossConnect {
+                id: conn.id.clone(),
+                source: Some(client_side),
+                destination: Some(kernel_side(
+                    &nse_netns,
+                    &nse_ifname(&conn.id),
+                    &payload,
+                    &ipc.dst_ip_addrs,
+                    &ipc.dst_routes,
+                    mtu,
+                )),
+            };
+            if let Err(e) = self.forwarder.program(xc.clone()).await {
+                if new {
+                    self.close_endpoint(&url, &reply).await;
+                    undo_lease().await;
+                }
+                return Err(e.into());
+            }
+            let mut answer = reply.clone();
+            answer.id = conn.id.clone();
+            answer.mechanism = Some(client_mech);
+            answer.network_service_endpoint_name = nse.name.clone();
+            answer.state = State::Up as i32;
+            return Ok(Record {
+                id: conn.id.clone(),
+                conn: Pb(answer),
+                preferences: Vec::new(),
+                role: Role::Client,
+                endpoint_name: nse.name.clone(),
+                next_url: url,
+                remote: false,
+                downstream: Pb(reply),
+                xconnect: Pb(xc),
+                lease: Some(service),
+                managed: false,
+                expires_ms: 0,
+                refreshed_ms: 0,
+            });
+        }
+
+        // Another node: our tunnel end first (the forwarder makes our key), then the peer.
+        let peer_url = nse.url.clone();
+        let (pip, pport, pkey) = existing
+            .filter(|r| r.endpoint_name == nse.name)
+            .and_then(|r| {
+                match r
+                    .xconnect
+                    .0
+                    .destination
+                    .as_ref()
+                    .and_then(|s| s.kind.clone())
+                {
+                    Some(Kind::Wireguard(w)) => Some((w.peer_ip, w.peer_port, w.peer_public_key)),
+                    _ => None,
+                }
+            })
+            .unwrap_or_default();
+        let mut xc = CrossConnect {
+            id: conn.id.clone(),
+            source: Some(client_side),
+            destination: Some(wg_side(&pip, pport, &pkey)),
+        };
+        let st: CrossConnectStatus = match self.forwarder.program(xc.clone()).await {
+            Ok(st) => st,
+            Err(e) => {
+                undo_lease().await;
+                return Err(e.into());
+            }
+        };
+        let undo_fwd = async || {
+            if new && let Err(e) = self.forwarder.remove(&conn.id).await {
+                tracing::warn!(id = %conn.id, error = %e, "removing cross-connect after failure");
+            }
+        };
+        let mut params: HashMap<String, String> = HashMap::new();
+        params.insert(wireguard::SRC_IP.into(), st.underlay_ip.clone());
+        params.insert(wireguard::SRC_PORT.into(), st.wireguard_port.to_string());
+        params.insert(
+            wireguard::SRC_PUBLIC_KEY.into(),
+            st.wireguard_public_key.clone(),
+        );
+        if st.mtu != 0 {
+            params.insert(wireguard::MTU.into(), st.mtu.to_string());
+        }
+        let mut fwd = out.clone();
+        fwd.mechanism = None;
+        let peer_fail = |status: Status| RequestError::Peer {
+            name: nse.name.clone(),
+            url: peer_url.clone(),
+            status,
+        };
+        let reply = async {
+            let ch = self
+                .channels
+                .get(&peer_url)
+                .map_err(|e| peer_fail(Status::invalid_argument(e.to_string())))?;
+            let mut req = tonic::Request::new(NetworkServiceRequest {
+                connection: Some(fwd),
+                mechanism_preferences: vec![mech(mechanisms::WIREGUARD, cls::REMOTE, params)],
+            });
+            req.set_timeout(Duration::from_secs(20));
+            NetworkServiceClient::new(ch)
+                .request(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(peer_fail)
+        }
+        .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                undo_fwd().await;
+                undo_lease().await;
+                return Err(e);
+            }
+        };
+        let rp = reply
+            .mechanism
+            .as_ref()
+            .map(|m| m.parameters.clone())
+            .unwrap_or_default();
+        let dst_ip = rp.get(wireguard::DST_IP).cloned().unwrap_or_default();
+        let dst_port: u32 = rp
+            .get(wireguard::DST_PORT)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let dst_key = rp
+            .get(wireguard::DST_PUBLIC_KEY)
+            .cloned()
+            .unwrap_or_default();
+        if dst_ip.is_empty() || dst_key.is_empty() {
+            if new {
+                self.close_endpoint(&peer_url, &reply).await;
+                undo_fwd().await;
+                undo_lease().await;
+            }
+            return Err(peer_fail(Status::internal(
+                "reply lacks dst_ip/dst_public_key",
+            )));
+        }
+        if (dst_ip.as_str(), dst_port, dst_key.as_str()) != (pip.as_str(), pport, pkey.as_str()) {
+            xc.destination = Some(wg_side(&dst_ip, dst_port, &dst_key));
+            if let Err(e) = self.forwarder.program(xc.clone()).await {
+                if new {
+                    self.close_endpoint(&peer_url, &reply).await;
+                    undo_fwd().await;
+                    undo_lease().await;
+                }
+                return Err(e.into());
+            }
+        }
+        let mut answer = reply.clone();
+        answer.id = conn.id.clone();
+        answer.mechanism = Some(client_mech);
+        answer.network_service_endpoint_name = nse.name.clone();
+        answer.state = State::Up as i32;
+        Ok(Record {
+            id: conn.id.clone(),
+            conn: Pb(answer),
+            preferences: Vec::new(),
+            role: Role::Client,
+            endpoint_name: nse.name.clone(),
+            next_url: peer_url,
+            remote: true,
+            downstream: Pb(reply),
+            xconnect: Pb(xc),
+            lease: Some(service),
+            managed: false,
+            expires_ms: 0,
+            refreshed_ms: 0,
+        })
+    }
+
+    async fn request_endpoint_side(
+        &self,
+        conn: &Connection,
+        wg: Mechanism,
+        existing: Option<&Record>,
+    ) -> Result<Record, RequestError> {
+        let service = conn.network_service.clone();
+        let p = &wg.parameters;
+        let get = |k: &str| p.get(k).cloned().unwrap_or_default();
+        let (src_ip, src_key) = (get(wireguard::SRC_IP), get(wireguard::SRC_PUBLIC_KEY));
+        let src_port: u32 = get(wireguard::SRC_PORT).parse().unwrap_or(0);
+        if src_ip.parse::<IpAddr>().is_err() || src_key.is_empty() {
+            return Err(RequestError::BadRequest {
+                service,
+                what: "WIREGUARD preference needs src_ip, src_port and src_public_key".into(),
+            });
+        }
+        let nse = self.pick_endpoint(conn, existing, true).await?;
+        self.close_old_endpoint(existing, &nse.name).await;
+        let url = self.local_url(&nse).ok_or_else(|| RequestError::Endpoint {
+            name: nse.name.clone(),
+            url: nse.url.clone(),
+            status: Status::unavailable("endpoint is registered here but its local URL is unknown"),
+        })?;
+        let payload = if conn.payload.is_empty() {
+            mechanisms::payload::IP.to_string()
+        } else {
+            conn.payload.clone()
+        };
+        let mut out = conn.clone();
+        out.payload = payload.clone();
+        out.network_service_endpoint_name = nse.name.clone();
+        let (reply, nse_netns) = self.ask_endpoint(&nse.name, &url, &out).await?;
+        let ipc = ip_context(&out);
+        let mtu = out.context.as_ref().map(|c| c.mtu).unwrap_or(0);
+        let xc = CrossConnect {
+            id: conn.id.clone(),
+            source: Some(wg_side(&src_ip, src_port, &src_key)),
+            destination: Some(kernel_side(
+                &nse_netns,
+                &nse_ifname(&conn.id),
+                &payload,
+                &ipc.dst_ip_addrs,
+                &ipc.dst_routes,
+                mtu,
+            )),
+        };
+        let st = match self.forwarder.program(xc.clone()).await {
+            Ok(st) => st,
+            Err(e) => {
+                if existing.is_none() {
+                    self.close_endpoint(&url, &reply).await;
+                }
+                return Err(e.into());
+            }
+        };
+        let mut params = wg.parameters.clone();
+        params.insert(wireguard::DST_IP.into(), st.underlay_ip.clone());
+        params.insert(wireguard::DST_PORT.into(), st.wireguard_port.to_string());
+        params.insert(
+            wireguard::DST_PUBLIC_KEY.into(),
+            st.wireguard_public_key.clone(),
+        );
+        if st.mtu != 0 {
+            params
+                .entry(wireguard::MTU.into())
+                .or_insert_with(|| st.mtu.to_string());
+        }
+        let mut answer = reply.clone();
+        answer.id = conn.id.clone();
+        answer.mechanism = Some(mech(mechanisms::WIREGUARD, cls::REMOTE, params));
+        answer.network_service_endpoint_name = nse.name.clone();
+        answer.state = State::Up as i32;
+        if answer.context.is_none() {
+            answer.context = Some(ConnectionContext {
+                ip_context: Some(ipc),
+                ..Default::default()
+            });
+        }
+        Ok(Record {
+            id: conn.id.clone(),
+            conn: Pb(answer),
+            preferences: Vec::new(),
+            role: Role::Endpoint,
+            endpoint_name: nse.name.clone(),
+            next_url: url,
+            remote: false,
+            downstream: Pb(reply),
+            xconnect: Pb(xc),
+            lease: None,
+            managed: false,
+            expires_ms: 0,
+            refreshed_ms: 0,
+        })
+    }
+
+    /// Undoes everything a record stands for, ignoring (but logging) failures.
+    async fn teardown(&self, rec: &Record) {
+        let id = &rec.id;
+        if let Err(e) = self.forwarder.remove(id).await {
+            tracing::warn!(id = %id, error = %e, "forwarder Remove failed");
+        }
+        self.close_endpoint(&rec.next_url, &rec.downstream.0).await;
+        if let Some(service) = &rec.lease
+            && let Err(e) = self.ipam.release(service, id).await
+        {
+            tracing::warn!(id = %id, error = %e, "releasing lease failed");
+        }
+    }
+
+    /// Our connection id in a connection sent to Close: the segment with our
+    /// name, else the connection id.
+    fn our_id(&self, conn: &Connection) -> String {
+        conn.path
+            .as_ref()
+            .and_then(|p| {
+                p.path_segments
+                    .iter()
+                    .find(|s| s.name == self.settings.name)
+            })
+            .map(|s| s.id.clone())
+            .unwrap_or_else(|| conn.id.clone())
+    }
+
+    /// Close: removes everything on this node and asks the next hop to do
+    /// the same. Unknown connections succeed (Close is idempotent).
+    ///
+    /// # Errors
+    /// Only a failure to update the connection table.
+    pub async fn close(&self, conn: &Connection) -> Result<(), StoreError> {
+        let mut id = self.our_id(conn);
+        if self.conns.get(&id).is_none() {
+            // A bare id (e.g. `nsmctl close ID`) may be the caller's id, as
+            // returned in the reply, rather than ours.
+            if let Some((ours, _)) = self
+                .conns
+                .all()
+                .into_iter()
+                .find(|(_, r)| r.conn.0.id == conn.id)
+            {
+                id = ours;
+            }
+        }
+        self.close_id(&id, "closed").await
+    }
+
+    async fn close_id(&self, id: &str, why: &str) -> Result<(), StoreError> {
+        let lock = self.lock_for(id);
+        let guard = lock.lock().await;
+        let Some(rec) = self.conns.get(id) else {
+            return Ok(());
+        };
+        // The row goes first: the next hop's DELETE event must find nothing
+        // to heal.
+        self.conns.remove(id)?;
+        self.teardown(&rec).await;
+        drop(guard);
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        tracing::info!(id = %id, why, "connection removed");
+        let mut c = rec.conn.0;
+        c.state = State::Down as i32;
+        self.emit(ConnectionEventType::Delete, &c);
+        Ok(())
+    }
+
+    /// One pass of the lifecycle: closes expired connections and refreshes
+    /// managed ones at a third of their lifetime, as NSM clients do.
+    pub async fn tick(&self) {
+        let now = now_ms();
+        let third = dur_ms(self.settings.max_token_lifetime) / 3;
+        for (id, rec) in self.conns.all() {
+            // A managed connection is ours to keep: it is refreshed, never
+            // expired, even after a manager outage longer than its lifetime.
+            let managed = rec.managed && rec.role == Role::Client;
+            if !managed && rec.expires_ms <= now {
+                tracing::info!(id = %id, "connection expired (not refreshed)");
+                if let Err(e) = self.close_id(&id, "expired").await {
+                    tracing::warn!(id = %id, error = %e, "cannot remove expired connection");
+                }
+            } else if managed
+                && now.saturating_sub(rec.refreshed_ms) >= third
+                && let Err(e) = self.refresh(&rec).await
+            {
+                tracing::warn!(id = %id, error = %e, "refresh of managed connection failed");
+            }
+        }
+    }
+
+    async fn refresh(&self, rec: &Record) -> Result<(), RequestError> {
+        let req = NetworkServiceRequest {
+            connection: Some(rec.conn.0.clone()),
+            mechanism_preferences: rec.preferences.iter().map(|p| p.0.clone()).collect(),
+        };
+        self.request_inner(req, rec.managed, true).await.map(|_| ())
+    }
+
+    /// Re-programs every connection the forwarder lacks (after its restart,
+    /// or ours). Client-side connections to another node are re-requested
+    /// in full, because the restarted forwarder has a new key the peer must
+    /// learn.
+    pub async fn reconcile(&self, present: &[String]) {
+        for (id, rec) in self.conns.all() {
+            if present.contains(&id) {
+                continue;
+            }
+            tracing::info!(id = %id, "forwarder lacks cross-connect; programming it again");
+            let res = if rec.role == Role::Client && rec.remote {
+                self.refresh(&rec).await
+            } else {
+                self.reprogram(&id).await
+            };
+            if let Err(e) = res {
+                tracing::warn!(id = %id, error = %e, "re-programming failed; will retry on the next snapshot or refresh");
+            }
+        }
+    }
+
+    /// Programs a stored cross-connect again. On the endpoint side the
+    /// restarted forwarder has a new key: the connection is updated and an
+    /// UPDATE event tells the client side's manager (which monitors us) to
+    /// refresh with it.
+    async fn reprogram(&self, id: &str) -> Result<(), RequestError> {
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        let Some(mut rec) = self.conns.get(id) else {
+            return Ok(());
+        };
+        let st = self.forwarder.program(rec.xconnect.0.clone()).await?;
+        if rec.role == Role::Endpoint
+            && let Some(m) = rec.conn.0.mechanism.as_mut()
+            && m.parameters.get(wireguard::DST_PUBLIC_KEY) != Some(&st.wireguard_public_key)
+        {
+            m.parameters
+                .insert(wireguard::DST_IP.into(), st.underlay_ip.clone());
+            m.parameters
+                .insert(wireguard::DST_PORT.into(), st.wireguard_port.to_string());
+            m.parameters.insert(
+                wireguard::DST_PUBLIC_KEY.into(),
+                st.wireguard_public_key.clone(),
+            );
+            self.conns.put(id, rec.clone())?;
+            self.emit(ConnectionEventType::Update, &rec.conn.0);
+        }
+        Ok(())
+    }
+
+    /// Peer manager URLs that hold the far side of our client-side connections.
+    pub fn peers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .conns
+            .all()
+            .into_iter()
+            .filter(|(_, r)| r.role == Role::Client && r.remote)
+            .map(|(_, r)| r.next_url)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Monitors a peer manager's connections that pass through us (NSM's
+    /// heal client does the same): when the peer's side changed under us
+    /// (its forwarder restarted with a new key) or vanished (it expired or
+    /// restarted after a long outage), our side is refreshed, which
+    /// re-programs both ends. Runs until aborted, reconnecting as needed.
+    pub async fn monitor_peer(self: Arc<Self>, url: String) {
+        use nsm_proto::connection::monitor_connection_client::MonitorConnectionClient;
+        use tokio_stream::StreamExt;
+        loop {
+            if let Ok(ch) = self.channels.get(&url) {
+                let sel = MonitorScopeSelector {
+                    path_segments: vec![PathSegment {
+                        name: self.settings.name.clone(),
+                        ..Default::default()
+                    }],
+                    network_services: Vec::new(),
+                };
+                match MonitorConnectionClient::new(ch)
+                    .monitor_connections(sel)
+                    .await
+                {
+                    Ok(s) => {
+                        let mut s = s.into_inner();
+                        while let Some(Ok(ev)) = s.next().await {
+                            self.on_peer_event(&url, ev).await;
+                        }
+                    }
+                    Err(e) => tracing::debug!(peer = %url, error = %e, "cannot monitor peer yet"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn on_peer_event(&self, url: &str, ev: ConnectionEvent) {
+        let deleted = ev.r#type == ConnectionEventType::Delete as i32;
+        if ev.r#type == ConnectionEventType::InitialStateTransfer as i32 {
+            // Connections the peer no longer has at all (it lost them while
+            // we were not watching) are re-requested.
+            let theirs: std::collections::HashSet<String> =
+                ev.connections.values().map(|c| self.our_id(c)).collect();
+            for (id, rec) in self.conns.all() {
+                if rec.role == Role::Client
+                    && rec.remote
+                    && rec.next_url == url
+                    && !theirs.contains(&id)
+                {
+                    tracing::info!(id = %id, peer = url, "peer lost the connection; refreshing");
+                    if let Err(e) = self.refresh(&rec).await {
+                        tracing::warn!(id = %id, error = %e, "refresh after peer loss failed");
+                    }
+                }
+            }
+        }
+        for c in ev.connections.values() {
+            let id = self.our_id(c);
+            let Some(rec) = self.conns.get(&id) else {
+                continue;
+            };
+            if rec.role != Role::Client || !rec.remote {
+                continue;
+            }
+            let theirs = c.mechanism.as_ref().map(|m| &m.parameters);
+            let key = theirs
+                .and_then(|p| p.get(wireguard::DST_PUBLIC_KEY))
+                .cloned()
+                .unwrap_or_default();
+            let ours = match rec
+                .xconnect
+                .0
+                .destination
+                .as_ref()
+                .and_then(|s| s.kind.as_ref())
+            {
+                Some(Kind::Wireguard(w)) => w.peer_public_key.clone(),
+                _ => String::new(),
+            };
+            if deleted || (!key.is_empty() && key != ours) {
+                tracing::info!(id = %id, deleted, "peer side changed; refreshing");
+                if let Err(e) = self.refresh(&rec).await {
+                    tracing::warn!(id = %id, error = %e, "refresh after peer change failed");
+                }
+            }
+        }
+    }
+
+    /// Follows the forwarder forever, reconciling on every snapshot.
+    pub async fn watch_forwarder(self: Arc<Self>) {
+        let me = self.clone();
+        self.forwarder
+            .watch(move |ids| {
+                let me = me.clone();
+                async move { me.reconcile(&ids).await }
+            })
+            .await;
+    }
+
+    /// Connections in `sel`'s scope (NSM MonitorScopeSelector).
+    pub fn in_scope(sel: &MonitorScopeSelector, c: &Connection) -> bool {
+        let svc_ok =
+            sel.network_services.is_empty() || sel.network_services.contains(&c.network_service);
+        let seg_ok = sel.path_segments.is_empty()
+            || c.path.as_ref().is_some_and(|p| {
+                p.path_segments.iter().any(|s| {
+                    sel.path_segments.iter().any(|q| {
+                        (q.id.is_empty() || q.id == s.id) && (q.name.is_empty() || q.name == s.name)
+                    })
+                })
+            });
+        svc_ok && seg_ok
+    }
+
+    /// A snapshot of the connections in scope and a receiver of later events.
+    pub fn monitor(
+        &self,
+        sel: &MonitorScopeSelector,
+    ) -> (ConnectionEvent, broadcast::Receiver<ConnectionEvent>) {
+        let rx = self.events.subscribe();
+        let connections = self
+            .conns
+            .all()
+            .into_iter()
+            .map(|(_, r)| r.conn.0)
+            .filter(|c| Self::in_scope(sel, c))
+            .map(|c| (c.id.clone(), c))
+            .collect();
+        (
+            ConnectionEvent {
+                r#type: ConnectionEventType::InitialStateTransfer as i32,
+                connections,
+            },
+            rx,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_path_new_refresh_and_next_hop() {
+        let (p, prev) = update_path(None, "node-1", "");
+        assert_eq!((p.index, prev, p.path_segments.len()), (0, 0, 1));
+        let id = p.path_segments[0].id.clone();
+        // Refresh with the returned path: same segment, same id.
+        let (p2, _) = update_path(Some(p.clone()), "node-1", &id);
+        assert_eq!(p2.path_segments[0].id, id);
+        // The next hop appends its segment...
+        let (p3, prev3) = update_path(Some(p.clone()), "node-2", &id);
+        assert_eq!((p3.index, prev3, p3.path_segments.len()), (1, 0, 2));
+        let id2 = p3.path_segments[1].id.clone();
+        assert_ne!(id2, id);
+        // ...and finds it again on refresh (index still at the caller's).
+        let mut back = p3.clone();
+        back.index = 0;
+        let (p4, _) = update_path(Some(back), "node-2", &id);
+        assert_eq!(p4.path_segments[1].id, id2);
+        assert_eq!(p4.path_segments.len(), 2);
+    }
+
+    #[test]
+    fn nse_ifname_fits() {
+        assert!(nse_ifname(&crate::util::uuid()).len() <= kernel::IFNAME_MAX_LEN);
+    }
+}

@@ -1,0 +1,384 @@
+//! Wiring: the gRPC services of a manager, its listeners (unix socket for
+//! local clients, TCP for peer managers), background tasks, and shutdown.
+//!
+//! [`start`] is what the `nsm-manager` binary and the integration tests run,
+//! so that tests drive exactly the production assembly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nsm_proto::connection::monitor_connection_server::{
+    MonitorConnection, MonitorConnectionServer,
+};
+use nsm_proto::connection::{Connection, ConnectionEvent, MonitorScopeSelector};
+use nsm_proto::ipam::ipam_server::IpamServer as IpamGrpc;
+use nsm_proto::networkservice::NetworkServiceRequest;
+use nsm_proto::networkservice::network_service_server::{NetworkService, NetworkServiceServer};
+use nsm_proto::registry::NetworkService as NsMsg;
+use nsm_proto::registry::network_service_endpoint_registry_server::NetworkServiceEndpointRegistryServer;
+use nsm_proto::registry::network_service_registry_server::NetworkServiceRegistryServer;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::Server;
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+use crate::ipam::{Ipam, IpamBackend, IpamServer};
+use crate::manager::{Manager, Settings};
+use crate::registry::{NsRegistryServer, NseRegistryServer, RegistryBackend, RegistryStore};
+use crate::store::{StoreError, Table};
+
+/// gRPC metadata a client sets to have the manager refresh the connection
+/// itself until Close (value `true`).
+pub const MD_MANAGED: &str = "nsm-managed";
+
+/// Everything [`start`] needs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Node name.
+    pub name: String,
+    /// Unix socket for local clients.
+    pub listen: PathBuf,
+    /// TCP address for peer managers (port 0 = any free port).
+    pub peer_listen: SocketAddr,
+    /// How peers reach us; derived from the bound TCP address when `None`.
+    pub advertise_url: Option<String>,
+    /// The forwarder's unix socket.
+    pub forwarder: PathBuf,
+    /// Durable state directory (`None`: memory only, for tests).
+    pub state_dir: Option<PathBuf>,
+    /// The registry manager's URL; `None` = this manager serves registry and IPAM.
+    pub registry: Option<String>,
+    /// Services and pools (registry manager only).
+    pub config: Config,
+    /// Path segment lifetime.
+    pub max_token_lifetime: Duration,
+}
+
+/// Why a manager cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener cannot be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        /// The address or path.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The state directory or a table is unusable.
+    #[error("state: {0}")]
+    Store(#[from] StoreError),
+    /// `--registry` is not a usable URL.
+    #[error("--registry: {0}")]
+    Registry(#[from] crate::util::BadUrl),
+    /// The state directory cannot be created.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A running manager.
+#[derive(Debug)]
+pub struct Handle {
+    /// The URL peers use to reach this manager.
+    pub advertise_url: String,
+    /// The bound TCP address.
+    pub peer_addr: SocketAddr,
+    /// The engine, for inspection.
+    pub manager: Arc<Manager>,
+    /// The local registry, when this manager serves it.
+    pub registry: Option<Arc<RegistryStore>>,
+    /// The local allocator, when this manager owns IPAM.
+    pub ipam: Option<Arc<Ipam>>,
+    stop: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Graceful shutdown: stops accepting, finishes in-flight calls, stops
+    /// timers. State stays on disk; connections stay programmed.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in &self.background {
+            t.abort();
+        }
+        for s in self.servers {
+            // Open watch/monitor streams never end by themselves: give
+            // in-flight calls a moment, then cut.
+            let abort = s.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), s)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// Address to advertise when listening on `addr`: an unspecified address is
+/// replaced by the address this host would use to reach the documentation
+/// network (no packet is sent), which is the underlay in the testbed.
+pub fn default_advertise(addr: SocketAddr) -> String {
+    let mut ip = addr.ip();
+    if ip.is_unspecified() {
+        let probe = if ip.is_ipv4() {
+            "192.0.2.1:9"
+        } else {
+            "[2001:db8::1]:9"
+        };
+        ip = std::net::UdpSocket::bind(if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+            .and_then(|s| s.connect(probe).and_then(|()| s.local_addr()))
+            .map(|a| a.ip())
+            .unwrap_or(if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+    }
+    format!("tcp://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// Starts a manager: binds both listeners, opens the state, and spawns
+/// the servers, the lifecycle ticker and the forwarder watcher.
+///
+/// # Errors
+/// [`StartError`].
+pub async fn start(opts: Options) -> Result<Handle, StartError> {
+    let dir = opts.state_dir.as_deref();
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d).map_err(|source| StartError::StateDir {
+            path: d.display().to_string(),
+            source,
+        })?;
+    }
+    let tcp = tokio::net::TcpListener::bind(opts.peer_listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            what: opts.peer_listen.to_string(),
+            source,
+        })?;
+    let peer_addr = tcp.local_addr().map_err(|source| StartError::Listen {
+        what: opts.peer_listen.to_string(),
+        source,
+    })?;
+    let unix = nsm_proto::uds::bind_unix(&opts.listen).map_err(|source| StartError::Listen {
+        what: opts.listen.display().to_string(),
+        source,
+    })?;
+    let advertise_url = opts
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| default_advertise(peer_addr));
+
+    let (registry, registry_store, ipam_backend, ipam_local) = match &opts.registry {
+        Some(url) => {
+            let ch = crate::util::channel(url)?;
+            (
+                RegistryBackend::Remote(ch.clone()),
+                None,
+                IpamBackend::Remote(ch),
+                None,
+            )
+        }
+        None => {
+            let store = Arc::new(RegistryStore::open(dir, opts.max_token_lifetime)?);
+            for s in &opts.config.services {
+                // Config is the source of truth for services it names.
+                store
+                    .register_ns(NsMsg {
+                        name: s.name.clone(),
+                        payload: s.payload.as_str().to_string(),
+                        ..Default::default()
+                    })
+                    .map_err(|st| StoreError::Corrupt {
+                        path: "registry-services".into(),
+                        message: st.message().to_string(),
+                    })?;
+            }
+            let ipam = Arc::new(Ipam::open(dir, &opts.config.services)?);
+            (
+                RegistryBackend::Local(store.clone()),
+                Some(store),
+                IpamBackend::Local(ipam.clone()),
+                Some(ipam),
+            )
+        }
+    };
+    let local_nses = Table::open(dir, "local-endpoints")?;
+    let settings = Settings {
+        name: opts.name.clone(),
+        advertise_url: advertise_url.clone(),
+        forwarder: opts.forwarder.clone(),
+        max_token_lifetime: opts.max_token_lifetime,
+    };
+    let manager = Arc::new(Manager::open(
+        settings,
+        dir,
+        local_nses.clone(),
+        registry.clone(),
+        ipam_backend,
+    )?);
+
+    let (stop, stop_rx) = watch::channel(false);
+    let router = |local: bool| {
+        let rewrite = local.then(|| (advertise_url.clone(), local_nses.clone()));
+        let mut r = Server::builder()
+            .add_service(NetworkServiceServer::new(NsServer {
+                manager: manager.clone(),
+            }))
+            .add_service(MonitorConnectionServer::new(MonitorServer {
+                manager: manager.clone(),
+            }))
+            .add_service(NetworkServiceRegistryServer::new(NsRegistryServer::new(
+                registry.clone(),
+            )))
+            .add_service(NetworkServiceEndpointRegistryServer::new(
+                NseRegistryServer::new(registry.clone(), rewrite),
+            ));
+        if let Some(ipam) = &ipam_local {
+            r = r.add_service(IpamGrpc::new(IpamServer::new(ipam.clone())));
+        }
+        r
+    };
+    let signal = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let unix_srv = router(true).serve_with_incoming_shutdown(unix, signal(stop_rx.clone()));
+    let tcp_srv = router(false).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(tcp),
+        signal(stop_rx.clone()),
+    );
+    let servers = vec![
+        tokio::spawn(async move {
+            if let Err(e) = unix_srv.await {
+                tracing::error!(error = %e, "unix listener failed");
+            }
+        }),
+        tokio::spawn(async move {
+            if let Err(e) = tcp_srv.await {
+                tracing::error!(error = %e, "TCP listener failed");
+            }
+        }),
+    ];
+    // Tick often enough to expire a connection within ~1/20 of its lifetime.
+    let period =
+        (opts.max_token_lifetime / 20).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let ticker = {
+        let m = manager.clone();
+        let reg = registry_store.clone();
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(period);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                iv.tick().await;
+                m.tick().await;
+                if let Some(r) = &reg {
+                    r.purge_expired(SystemTime::now());
+                }
+            }
+        })
+    };
+    let watcher = tokio::spawn(manager.clone().watch_forwarder());
+    // One monitor per peer manager holding the far side of our connections;
+    // the JoinSet aborts them all when this task is aborted at shutdown.
+    let peers = {
+        let m = manager.clone();
+        tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut watched = std::collections::HashSet::new();
+            loop {
+                for url in m.peers() {
+                    if watched.insert(url.clone()) {
+                        tasks.spawn(m.clone().monitor_peer(url));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    tracing::info!(name = %opts.name, listen = %opts.listen.display(), peer = %peer_addr, advertise = %advertise_url,
+        registry = opts.registry.as_deref().unwrap_or("(this manager)"), "nsm-manager serving");
+    Ok(Handle {
+        advertise_url,
+        peer_addr,
+        manager,
+        registry: registry_store,
+        ipam: ipam_local,
+        stop,
+        servers,
+        background: vec![ticker, watcher, peers],
+    })
+}
+
+/// `networkservice.NetworkService` of a manager.
+#[derive(Debug, Clone)]
+struct NsServer {
+    manager: Arc<Manager>,
+}
+
+#[tonic::async_trait]
+impl NetworkService for NsServer {
+    async fn request(
+        &self,
+        r: Request<NetworkServiceRequest>,
+    ) -> Result<Response<Connection>, Status> {
+        let managed = r
+            .metadata()
+            .get(MD_MANAGED)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let conn = self.manager.request(r.into_inner(), managed).await?;
+        Ok(Response::new(conn))
+    }
+
+    async fn close(&self, r: Request<Connection>) -> Result<Response<()>, Status> {
+        self.manager
+            .close(&r.into_inner())
+            .await
+            .map_err(|e| Status::internal(format!("close: {e}")))?;
+        Ok(Response::new(()))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<ConnectionEvent, Status>> + Send>>;
+
+/// `connection.MonitorConnection` of a manager.
+#[derive(Debug, Clone)]
+struct MonitorServer {
+    manager: Arc<Manager>,
+}
+
+#[tonic::async_trait]
+impl MonitorConnection for MonitorServer {
+    type MonitorConnectionsStream = EventStream;
+
+    async fn monitor_connections(
+        &self,
+        r: Request<MonitorScopeSelector>,
+    ) -> Result<Response<Self::MonitorConnectionsStream>, Status> {
+        let sel = r.into_inner();
+        let (first, rx) = self.manager.monitor(&sel);
+        let tail =
+            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| match ev {
+                Ok(mut ev) => {
+                    ev.connections.retain(|_, c| Manager::in_scope(&sel, c));
+                    (!ev.connections.is_empty()).then_some(Ok(ev))
+                }
+                Err(_) => Some(Err(Status::data_loss("monitor fell behind; monitor again"))),
+            });
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(first)).chain(tail),
+        )))
+    }
+}
