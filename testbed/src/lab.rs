@@ -86,6 +86,14 @@ pub enum LabError {
         #[source]
         source: std::io::Error,
     },
+    /// `up` failed; the lab was removed but its logs were kept.
+    #[error("{source} (logs kept in {})", logs.display())]
+    Failed {
+        /// What failed.
+        source: Box<LabError>,
+        /// Where the logs are.
+        logs: PathBuf,
+    },
     /// A pod's connection request failed.
     #[error("lab `{lab}`: pod {pod}: request for {service} failed: {detail}")]
     Request {
@@ -123,6 +131,8 @@ pub struct Options {
     /// Start the mesh programs (forwarder, manager, endpoints) that are
     /// built; `false` builds the namespaces and the networks only.
     pub mesh: bool,
+    /// Extra flags for every `nsm-manager` (e.g. `--max-token-lifetime 5s`).
+    pub manager_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -133,6 +143,7 @@ impl Default for Options {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT)),
             progress: false,
             mesh: true,
+            manager_args: Vec::new(),
         }
     }
 }
@@ -227,9 +238,34 @@ impl Lab {
             children: Vec::new(),
             detached: false,
         };
-        // From here on, a failure drops `lab`, which tears down what exists.
-        lab.build()?;
+        // From here on, a failure drops `lab`, which tears down what exists;
+        // the logs that explain the failure are kept first.
+        if let Err(e) = lab.build() {
+            return Err(match lab.keep_logs() {
+                Some(kept) => LabError::Failed {
+                    source: Box::new(e),
+                    logs: kept,
+                },
+                None => e,
+            });
+        }
         Ok(lab)
+    }
+
+    /// Moves the lab's logs to `STATE_ROOT/failed-LAB` (replacing an older
+    /// copy), so that a failed `up` can be understood after its teardown.
+    fn keep_logs(&self) -> Option<PathBuf> {
+        let logs = self.dir.join("logs");
+        let has_logs = fs::read_dir(&logs).is_ok_and(|mut d| d.next().is_some());
+        if !has_logs {
+            return None;
+        }
+        let kept = self
+            .opts
+            .state_root
+            .join(format!("failed-{}", self.topology.name));
+        let _ = fs::remove_dir_all(&kept);
+        fs::rename(&logs, &kept).ok().map(|()| kept)
     }
 
     /// Attaches to a lab that is up, from its state directory.
@@ -709,6 +745,7 @@ impl Lab {
                     &self.manager_socket(&pod.node),
                     &netns,
                     &req,
+                    true,
                     REQUEST_TIMEOUT,
                 )
                 .map_err(|detail| LabError::Request {
@@ -818,6 +855,7 @@ impl Lab {
             "--state-dir".into(),
             self.dir.join(node).display().to_string(),
         ];
+        args.extend(self.opts.manager_args.iter().cloned());
         let registry = &self.plan.nodes[0].name;
         if node == registry {
             args.extend([

@@ -95,6 +95,7 @@ fn main() -> ExitCode {
         state_root: cli.state_dir.clone(),
         progress: true,
         mesh: true,
+        manager_args: Vec::new(),
     };
     match run(cli.command, &opts) {
         Ok(code) => code,

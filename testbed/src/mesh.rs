@@ -71,12 +71,14 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Asks the pod's node manager for one connection, as an NSM client would
-/// (KERNEL mechanism with the interface name and the pod's netns as inodeURL),
-/// marked as managed. Returns the manager's reply.
+/// (KERNEL mechanism with the interface name and the pod's netns as
+/// inodeURL); `managed` asks the manager to refresh it until Close.
+/// Returns the manager's reply.
 pub fn request(
     manager_socket: &Path,
     netns_path: &Path,
     req: &RequestedConnection,
+    managed: bool,
     timeout: Duration,
 ) -> Result<Connection, String> {
     let request = NetworkServiceRequest {
@@ -89,16 +91,15 @@ pub fn request(
         mechanism_preferences: vec![kernel::local(&req.interface, netns_path)],
     };
     runtime().block_on(async {
-        let channel = nsm_proto::uds::connect_unix(manager_socket)
-            .await
-            .map_err(|e| format!("manager {}: {e}", manager_socket.display()))?;
-        let mut client = NetworkServiceClient::new(channel);
+        let mut client = NetworkServiceClient::new(channel(manager_socket).await?);
         let mut grpc = tonic::Request::new(request);
         grpc.set_timeout(timeout);
-        grpc.metadata_mut().insert(
-            MANAGED_METADATA.0,
-            MANAGED_METADATA.1.parse().expect("ascii"),
-        );
+        if managed {
+            grpc.metadata_mut().insert(
+                MANAGED_METADATA.0,
+                MANAGED_METADATA.1.parse().expect("ascii"),
+            );
+        }
         client
             .request(grpc)
             .await
@@ -107,15 +108,32 @@ pub fn request(
     })
 }
 
+/// Closes a connection through a manager (the one the client asked).
+pub fn close(manager_socket: &Path, conn: &Connection, timeout: Duration) -> Result<(), String> {
+    runtime().block_on(async {
+        let mut client = NetworkServiceClient::new(channel(manager_socket).await?);
+        let mut grpc = tonic::Request::new(conn.clone());
+        grpc.set_timeout(timeout);
+        client
+            .close(grpc)
+            .await
+            .map(drop)
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    })
+}
+
+async fn channel(socket: &Path) -> Result<tonic::transport::Channel, String> {
+    nsm_proto::uds::connect_unix(socket)
+        .await
+        .map_err(|e| format!("{}: {e}", socket.display()))
+}
+
 /// Every connection a manager knows, from the initial state transfer of
 /// `MonitorConnections`. An unreachable manager gives an error.
 pub fn connections(manager_socket: &Path, timeout: Duration) -> Result<Vec<Connection>, String> {
     runtime().block_on(async {
         let work = async {
-            let channel = nsm_proto::uds::connect_unix(manager_socket)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut client = MonitorConnectionClient::new(channel);
+            let mut client = MonitorConnectionClient::new(channel(manager_socket).await?);
             let mut stream = client
                 .monitor_connections(MonitorScopeSelector::default())
                 .await

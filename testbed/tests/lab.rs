@@ -17,6 +17,7 @@ fn opts(dir: &Path) -> Options {
         state_root: dir.to_path_buf(),
         progress: false,
         mesh: false,
+        manager_args: Vec::new(),
     }
 }
 
