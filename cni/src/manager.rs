@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use nsm_proto::connection::monitor_connection_client::MonitorConnectionClient;
 use nsm_proto::connection::{Connection, MonitorScopeSelector};
+use nsm_proto::manager::v1::pods_client::PodsClient;
+use nsm_proto::manager::v1::{AttachRequest, Attachment, DetachRequest};
 use nsm_proto::mechanisms::kernel;
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::networkservice::network_service_client::NetworkServiceClient;
@@ -76,6 +78,45 @@ impl Manager {
                     s,
                 )
             })
+    }
+
+    /// Cluster mode: asks the manager to attach what the pod's annotation
+    /// (read from the API server) asks for. `Ok(None)`: the manager is not
+    /// in cluster mode.
+    pub fn attach(&self, req: AttachRequest) -> Result<Option<Vec<Attachment>>, CniError> {
+        let what = format!("attach pod {}/{}", req.namespace, req.pod);
+        let mut req = tonic::Request::new(req);
+        // Several connections, each bounded by the timeout on the manager's side.
+        req.set_timeout(self.timeout * 4);
+        let mut client = PodsClient::new(self.channel.clone());
+        match self.rt.block_on(client.attach(req)) {
+            Ok(r) => Ok(Some(r.into_inner().attachments)),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => Err(CniError::new(
+                code::BAD_ANNOTATION,
+                format!("nsm-manager refused: {what}"),
+            )
+            .details(s.message().to_string())),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => Err(CniError::new(
+                code::IFNAME_CONFLICT,
+                format!("nsm-manager refused: {what}"),
+            )
+            .details(s.message().to_string())),
+            Err(s) => Err(self.status_err(&what, s)),
+        }
+    }
+
+    /// Cluster mode: forgets an attachment and closes its connections.
+    /// A manager not in cluster mode has nothing to forget.
+    pub fn detach(&self, req: DetachRequest) -> Result<(), CniError> {
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(self.timeout);
+        let mut client = PodsClient::new(self.channel.clone());
+        match self.rt.block_on(client.detach(req)) {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(()),
+            Err(s) => Err(self.status_err("detach", s)),
+        }
     }
 
     /// Closes a connection; one the manager does not know is already closed.

@@ -4,12 +4,21 @@
 //! `cni/NETWORK/CONTAINER/CNI_IFNAME/IFNAME`, so that DEL, CHECK and GC find
 //! every connection of an attachment by asking the manager, without a file
 //! of our own that could drift from the truth.
+//!
+//! A Kubernetes pod (`K8S_POD_NAME` in `CNI_ARGS`) is attached through the
+//! manager's cluster mode (`nsm.manager.v1.Pods/Attach`): the manager reads
+//! the pod's annotation from the API server, makes the connections with the
+//! same ids, and keeps them in step when the annotation changes; DEL and GC
+//! `Detach` first so that it does not make them again. A manager outside
+//! cluster mode answers UNIMPLEMENTED and the plugin serves what the runtime
+//! passed, as before.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nsm_proto::annotation::{self, ConnectionRequest};
 use nsm_proto::connection::{Connection, State};
+use nsm_proto::manager::v1::{AttachRequest, DetachRequest};
 use serde_json::{Value, json};
 
 use crate::manager::Manager;
@@ -76,6 +85,37 @@ pub fn attachment_prefix(network: &str, container: &str, cni_ifname: &str) -> St
     format!("cni/{network}/{container}/{cni_ifname}/")
 }
 
+/// The Kubernetes pod (namespace, name) of `CNI_ARGS`, if any. Its
+/// attachment goes through the manager's cluster mode when the manager has
+/// one, even when the runtime passed the annotations: only the manager sees
+/// later changes of the annotation, so it must own the attachment.
+pub fn cluster_pod(inv: &Invocation) -> Option<(String, String)> {
+    let name = inv.args.get("K8S_POD_NAME")?;
+    Some((
+        inv.args
+            .get("K8S_POD_NAMESPACE")
+            .cloned()
+            .unwrap_or_else(|| "default".into()),
+        name.clone(),
+    ))
+}
+
+fn runtime_passed_annotations(conf: &NetConf) -> bool {
+    conf.runtime_config
+        .as_ref()
+        .is_some_and(|r| r.pod_annotations.is_some())
+}
+
+fn no_annotations() -> CniError {
+    CniError::new(
+        code::NO_ANNOTATIONS,
+        "the runtime passed no pod annotations",
+    )
+    .details(format!(
+        "declare the capability \"{POD_ANNOTATIONS_CAPABILITY}\": true in the plugin config (containerd and CRI-O then pass them), list requests in \"connections\", or run nsm-manager in cluster mode (--kubeconfig/--kubernetes) so that it reads them from the Kubernetes API"
+    ))
+}
+
 /// What the pod asks for: the plugin config's `connections`, then the pod's
 /// annotation (from the runtime), each with an interface name.
 pub fn wanted(inv: &Invocation, conf: &NetConf) -> Result<Vec<Wanted>, CniError> {
@@ -105,13 +145,7 @@ pub fn wanted(inv: &Invocation, conf: &NetConf) -> Result<Vec<Wanted>, CniError>
         // have to be read from the API server, which is the manager's job in
         // cluster mode. Failing here beats silently attaching nothing.
         None if inv.args.contains_key("K8S_POD_NAME") && conf.connections.is_empty() => {
-            return Err(CniError::new(
-                code::NO_ANNOTATIONS,
-                "the runtime passed no pod annotations",
-            )
-            .details(format!(
-                "declare the capability \"{POD_ANNOTATIONS_CAPABILITY}\": true in the plugin config (containerd and CRI-O then pass them), or list requests in \"connections\"; reading annotations from the Kubernetes API needs the manager's cluster mode"
-            )));
+            return Err(no_annotations());
         }
         None => {}
     }
@@ -147,6 +181,24 @@ fn netns_of(inv: &Invocation) -> &Path {
 }
 
 fn add(inv: &Invocation, conf: &NetConf, timeout: Duration) -> Result<Value, CniError> {
+    if let Some(pod) = cluster_pod(inv) {
+        match Manager::connect(&conf.socket(), timeout) {
+            Ok(manager) => {
+                if let Some(result) = add_cluster(inv, conf, &manager, pod)? {
+                    return Ok(result);
+                }
+                // Not in cluster mode: what the runtime and the config say, below.
+            }
+            // Without the manager, the annotations can only come from the
+            // runtime; a pod that asks for nothing there still starts.
+            Err(e) if !runtime_passed_annotations(conf) && conf.connections.is_empty() => {
+                let mut err = no_annotations();
+                err.details = format!("{}; {}: {}", err.details, e.msg, e.details);
+                return Err(err);
+            }
+            Err(_) => {}
+        }
+    }
     let wanted = wanted(inv, conf)?;
     let mut result = start_result(conf);
     if wanted.is_empty() {
@@ -180,6 +232,56 @@ fn add(inv: &Invocation, conf: &NetConf, timeout: Duration) -> Result<Value, Cni
         append_interface(&mut result, conf, netns, &w.ifname, conn);
     }
     Ok(result)
+}
+
+/// ADD through the manager's cluster mode: it reads the annotation and
+/// makes the connections; `Ok(None)` when the manager is not in cluster mode.
+fn add_cluster(
+    inv: &Invocation,
+    conf: &NetConf,
+    manager: &Manager,
+    (namespace, pod): (String, String),
+) -> Result<Option<Value>, CniError> {
+    let netns = netns_of(inv);
+    let Some(attachments) = manager.attach(AttachRequest {
+        namespace,
+        pod,
+        container_id: inv.container_id.clone(),
+        netns: netns.display().to_string(),
+        network: conf.name.clone(),
+        cni_ifname: inv.ifname.clone(),
+        extra_requests: conf.connections.clone(),
+    })?
+    else {
+        return Ok(None);
+    };
+    let detach = || {
+        if let Err(e) = manager.detach(detach_request(inv, conf)) {
+            eprintln!("nsm-cni: rollback: detach: {e}");
+        }
+    };
+    let mut result = start_result(conf);
+    for a in &attachments {
+        let conn = a.connection.clone().unwrap_or_default();
+        if let Err(detail) = wait_usable(netns, &a.ifname, &conn) {
+            detach();
+            return Err(CniError::new(
+                code::NOT_USABLE,
+                format!("{} did not become usable", a.ifname),
+            )
+            .details(detail));
+        }
+        append_interface(&mut result, conf, netns, &a.ifname, &conn);
+    }
+    Ok(Some(result))
+}
+
+fn detach_request(inv: &Invocation, conf: &NetConf) -> DetachRequest {
+    DetachRequest {
+        network: conf.name.clone(),
+        container_id: inv.container_id.clone(),
+        cni_ifname: inv.ifname.clone(),
+    }
 }
 
 /// Closes what ADD made before it failed, so no pod is left half-attached.
@@ -255,6 +357,9 @@ fn append_interface(
 
 fn del(inv: &Invocation, conf: &NetConf, timeout: Duration) -> Result<(), CniError> {
     let manager = Manager::connect(&conf.socket(), timeout)?;
+    // Cluster mode first: the binding must go before its connections, or the
+    // manager's reconciliation would make them again.
+    manager.detach(detach_request(inv, conf))?;
     let prefix = attachment_prefix(&conf.name, &inv.container_id, &inv.ifname);
     for conn in manager.list()?.iter().filter(|c| c.id.starts_with(&prefix)) {
         manager.close(conn)?;
@@ -269,11 +374,43 @@ fn check(inv: &Invocation, conf: &NetConf, timeout: Duration) -> Result<(), CniE
             "CHECK needs prevResult",
         ));
     }
-    let wanted = wanted(inv, conf)?;
+    let netns = netns_of(inv);
+    let wanted = match cluster_pod(inv) {
+        // A Kubernetes pod: the manager's connections of this attachment are
+        // what the pod's annotation asks for now (in cluster mode the manager
+        // converges them as it changes). With none, fall back to what the
+        // runtime passed, which reports a missing connection.
+        Some(_) => {
+            let manager = Manager::connect(&conf.socket(), timeout)?;
+            let prefix = attachment_prefix(&conf.name, &inv.container_id, &inv.ifname);
+            let listed: Vec<Wanted> = manager
+                .list()?
+                .iter()
+                .filter_map(|c| {
+                    c.id.strip_prefix(&prefix).map(|ifname| Wanted {
+                        id: c.id.clone(),
+                        request: ConnectionRequest {
+                            mechanism: "KERNEL".into(),
+                            service: c.network_service.clone(),
+                            domain: None,
+                            interface: Some(ifname.to_string()),
+                            labels: c.labels.clone().into_iter().collect(),
+                        },
+                        ifname: ifname.to_string(),
+                    })
+                })
+                .collect();
+            if listed.is_empty() {
+                wanted(inv, conf)?
+            } else {
+                listed
+            }
+        }
+        None => wanted(inv, conf)?,
+    };
     if wanted.is_empty() {
         return Ok(());
     }
-    let netns = netns_of(inv);
     let manager = Manager::connect(&conf.socket(), timeout)?;
     let known = manager.list()?;
     for w in &wanted {
@@ -321,6 +458,11 @@ fn gc(conf: &NetConf, timeout: Duration) -> Result<(), CniError> {
             .iter()
             .any(|a| a.container_id == container && a.ifname == ifname)
         {
+            manager.detach(DetachRequest {
+                network: conf.name.clone(),
+                container_id: container.to_string(),
+                cni_ifname: ifname.to_string(),
+            })?;
             manager.close(&conn)?;
         }
     }
@@ -399,6 +541,22 @@ mod tests {
             wanted(&inv(&[]), &c).unwrap().is_empty(),
             "no source, no request, no error"
         );
+    }
+
+    #[test]
+    fn kubernetes_pods_go_through_cluster_mode() {
+        assert_eq!(
+            cluster_pod(&inv(&[
+                ("K8S_POD_NAMESPACE", "shop"),
+                ("K8S_POD_NAME", "web")
+            ])),
+            Some(("shop".to_string(), "web".to_string()))
+        );
+        assert_eq!(
+            cluster_pod(&inv(&[("K8S_POD_NAME", "web")])),
+            Some(("default".to_string(), "web".to_string()))
+        );
+        assert_eq!(cluster_pod(&inv(&[])), None);
     }
 
     #[test]

@@ -185,5 +185,8 @@ fn example_conflist_entry_is_a_valid_config() {
     ours["name"] = list["name"].clone();
     nsm_cni::spec::NetConf::parse(ours.to_string().as_bytes()).expect("example config parses");
     let readme = include_str!("../../README.md");
-    assert!(readme.contains(r#""type": "nsm-cni""#), "README shows the example");
+    assert!(
+        readme.contains(r#""type": "nsm-cni""#),
+        "README shows the example"
+    );
 }

@@ -15,6 +15,10 @@
 //!   forwarder reconciliation, monitor events);
 //! - [`registry`]: the registries, local store or forwarding to the
 //!   registry manager, with the endpoint URL rewrite;
+//! - [`cluster`]: cluster mode's registry on the Kubernetes API (custom
+//!   resources, watched into a cache, expired endpoints reaped);
+//! - [`pods`]: cluster mode's pods of this node: the `nsm.manager.v1.Pods`
+//!   API the CNI plugin calls, and annotation reconciliation;
 //! - [`ipam`]: point-to-point address pairs, one owner per lab;
 //! - [`select`]: NSM's match semantics for endpoint selection;
 //! - [`forwarder`]: client and watcher of the local forwarder;
@@ -26,12 +30,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod forwarder;
 pub mod ipam;
 pub mod manager;
 pub mod netns;
+pub mod pods;
 pub mod registry;
 pub mod select;
 pub mod server;

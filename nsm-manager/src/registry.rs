@@ -197,6 +197,129 @@ impl RegistryStore {
             .collect()
     }
 
+    /// Find over this store: the current matches, then (with `watch`) later changes.
+    pub fn find_ns_stream(&self, q: NetworkServiceQuery) -> BoxStream<NetworkServiceResponse> {
+        let template = q.network_service.clone().unwrap_or_default();
+        // Subscribe before the snapshot so that no change falls between them.
+        let rx = q.watch.then(|| self.ns_events.subscribe());
+        let now: Vec<Result<NetworkServiceResponse, Status>> = self
+            .find_ns(&template)
+            .into_iter()
+            .map(|ns| {
+                Ok(NetworkServiceResponse {
+                    network_service: Some(ns),
+                    deleted: false,
+                })
+            })
+            .collect();
+        let head = tokio_stream::iter(now);
+        match rx {
+            None => Box::pin(head),
+            Some(rx) => {
+                let tail =
+                    tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(
+                        move |ev| match ev {
+                            Ok(ev)
+                                if ev
+                                    .network_service
+                                    .as_ref()
+                                    .is_some_and(|n| ns_matches(&template, n)) =>
+                            {
+                                Some(Ok(ev))
+                            }
+                            Ok(_) => None,
+                            Err(_) => Some(Err(Status::data_loss(
+                                "registry watch fell behind; find again",
+                            ))),
+                        },
+                    );
+                Box::pin(head.chain(tail))
+            }
+        }
+    }
+
+    /// Find over this store: the current matches, then (with `watch`) later changes.
+    pub fn find_nse_stream(
+        &self,
+        q: NetworkServiceEndpointQuery,
+    ) -> BoxStream<NetworkServiceEndpointResponse> {
+        let template = q.network_service_endpoint.clone().unwrap_or_default();
+        let rx = q.watch.then(|| self.nse_events.subscribe());
+        let now: Vec<Result<NetworkServiceEndpointResponse, Status>> = self
+            .find_nse(&template)
+            .into_iter()
+            .map(|e| {
+                Ok(NetworkServiceEndpointResponse {
+                    network_service_endpoint: Some(e),
+                    deleted: false,
+                })
+            })
+            .collect();
+        let head = tokio_stream::iter(now);
+        match rx {
+            None => Box::pin(head),
+            Some(rx) => {
+                let tail =
+                    tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(
+                        move |ev| match ev {
+                            Ok(ev)
+                                if ev
+                                    .network_service_endpoint
+                                    .as_ref()
+                                    .is_some_and(|n| nse_matches(&template, n)) =>
+                            {
+                                Some(Ok(ev))
+                            }
+                            Ok(_) => None,
+                            Err(_) => Some(Err(Status::data_loss(
+                                "registry watch fell behind; find again",
+                            ))),
+                        },
+                    );
+                Box::pin(head.chain(tail))
+            }
+        }
+    }
+
+    /// Stores a service as given, quietly when unchanged (the cluster
+    /// registry's cache sees every object again after each re-list).
+    ///
+    /// # Errors
+    /// A store error.
+    pub fn put_ns(&self, ns: NetworkService) -> Result<(), Status> {
+        if self.services.get(&ns.name).is_some_and(|Pb(o)| o == ns) {
+            return Ok(());
+        }
+        self.register_ns(ns).map(|_| ())
+    }
+
+    /// Stores an endpoint as given (no defaults, no service creation): the
+    /// cluster registry's cache mirrors what the API server holds.
+    ///
+    /// # Errors
+    /// A store error.
+    pub fn put_nse(&self, nse: NetworkServiceEndpoint) -> Result<(), Status> {
+        if self.endpoints.get(&nse.name).is_some_and(|Pb(o)| o == nse) {
+            return Ok(());
+        }
+        self.endpoints
+            .put(&nse.name, Pb(nse.clone()))
+            .map_err(store_status)?;
+        let _ = self.nse_events.send(NetworkServiceEndpointResponse {
+            network_service_endpoint: Some(nse),
+            deleted: false,
+        });
+        Ok(())
+    }
+
+    /// Names of every service and every endpoint held.
+    pub fn names(&self) -> (Vec<String>, Vec<String>) {
+        (
+            self.services.all().into_iter().map(|(k, _)| k).collect(),
+            self.endpoints.all().into_iter().map(|(k, _)| k).collect(),
+        )
+    }
+
     /// Unregisters endpoints whose registration expired (not refreshed).
     pub fn purge_expired(&self, now: SystemTime) {
         for (name, Pb(e)) in self.endpoints.all() {
@@ -210,11 +333,14 @@ impl RegistryStore {
     }
 }
 
-/// Where registry calls go: this manager's store or the registry manager.
+/// Where registry calls go: this manager's store, the registry manager, or
+/// the Kubernetes API (cluster mode).
 #[derive(Debug, Clone)]
 pub enum RegistryBackend {
     /// This manager serves the registry.
     Local(Arc<RegistryStore>),
+    /// The custom resources of a cluster are the registry.
+    Kube(Arc<crate::cluster::KubeRegistry>),
     /// Forward to the registry manager.
     Remote(Channel),
 }
@@ -231,6 +357,7 @@ impl RegistryBackend {
     pub async fn register_ns(&self, ns: NetworkService) -> Result<NetworkService, Status> {
         match self {
             RegistryBackend::Local(s) => s.register_ns(ns),
+            RegistryBackend::Kube(k) => k.register_ns(ns).await,
             RegistryBackend::Remote(ch) => Ok(NetworkServiceRegistryClient::new(ch.clone())
                 .register(ns)
                 .await
@@ -246,6 +373,7 @@ impl RegistryBackend {
     pub async fn unregister_ns(&self, ns: NetworkService) -> Result<(), Status> {
         match self {
             RegistryBackend::Local(s) => s.unregister_ns(&ns.name),
+            RegistryBackend::Kube(k) => k.unregister_ns(&ns.name).await,
             RegistryBackend::Remote(ch) => {
                 NetworkServiceRegistryClient::new(ch.clone())
                     .unregister(ns)
@@ -265,43 +393,10 @@ impl RegistryBackend {
         q: NetworkServiceQuery,
     ) -> Result<BoxStream<NetworkServiceResponse>, Status> {
         match self {
-            RegistryBackend::Local(s) => {
-                let template = q.network_service.clone().unwrap_or_default();
-                // Subscribe before the snapshot so that no change falls between them.
-                let rx = q.watch.then(|| s.ns_events.subscribe());
-                let now: Vec<Result<NetworkServiceResponse, Status>> = s
-                    .find_ns(&template)
-                    .into_iter()
-                    .map(|ns| {
-                        Ok(NetworkServiceResponse {
-                            network_service: Some(ns),
-                            deleted: false,
-                        })
-                    })
-                    .collect();
-                let head = tokio_stream::iter(now);
-                match rx {
-                    None => Ok(Box::pin(head)),
-                    Some(rx) => {
-                        let tail = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(
-                            move |ev| match ev {
-                                Ok(ev)
-                                    if ev
-                                        .network_service
-                                        .as_ref()
-                                        .is_some_and(|n| ns_matches(&template, n)) =>
-                                {
-                                    Some(Ok(ev))
-                                }
-                                Ok(_) => None,
-                                Err(_) => Some(Err(Status::data_loss(
-                                    "registry watch fell behind; find again",
-                                ))),
-                            },
-                        );
-                        Ok(Box::pin(head.chain(tail)))
-                    }
-                }
+            RegistryBackend::Local(s) => Ok(s.find_ns_stream(q)),
+            RegistryBackend::Kube(k) => {
+                k.wait_synced().await;
+                Ok(k.cache().find_ns_stream(q))
             }
             RegistryBackend::Remote(ch) => Ok(Box::pin(
                 NetworkServiceRegistryClient::new(ch.clone())
@@ -323,6 +418,7 @@ impl RegistryBackend {
     ) -> Result<NetworkServiceEndpoint, Status> {
         match self {
             RegistryBackend::Local(s) => s.register_nse(nse),
+            RegistryBackend::Kube(k) => k.register_nse(nse).await,
             RegistryBackend::Remote(ch) => {
                 Ok(NetworkServiceEndpointRegistryClient::new(ch.clone())
                     .register(nse)
@@ -340,6 +436,7 @@ impl RegistryBackend {
     pub async fn unregister_nse(&self, nse: NetworkServiceEndpoint) -> Result<(), Status> {
         match self {
             RegistryBackend::Local(s) => s.unregister_nse(&nse.name),
+            RegistryBackend::Kube(k) => k.unregister_nse(&nse.name).await,
             RegistryBackend::Remote(ch) => {
                 NetworkServiceEndpointRegistryClient::new(ch.clone())
                     .unregister(nse)
@@ -359,42 +456,10 @@ impl RegistryBackend {
         q: NetworkServiceEndpointQuery,
     ) -> Result<BoxStream<NetworkServiceEndpointResponse>, Status> {
         match self {
-            RegistryBackend::Local(s) => {
-                let template = q.network_service_endpoint.clone().unwrap_or_default();
-                let rx = q.watch.then(|| s.nse_events.subscribe());
-                let now: Vec<Result<NetworkServiceEndpointResponse, Status>> = s
-                    .find_nse(&template)
-                    .into_iter()
-                    .map(|e| {
-                        Ok(NetworkServiceEndpointResponse {
-                            network_service_endpoint: Some(e),
-                            deleted: false,
-                        })
-                    })
-                    .collect();
-                let head = tokio_stream::iter(now);
-                match rx {
-                    None => Ok(Box::pin(head)),
-                    Some(rx) => {
-                        let tail = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(
-                            move |ev| match ev {
-                                Ok(ev)
-                                    if ev
-                                        .network_service_endpoint
-                                        .as_ref()
-                                        .is_some_and(|n| nse_matches(&template, n)) =>
-                                {
-                                    Some(Ok(ev))
-                                }
-                                Ok(_) => None,
-                                Err(_) => Some(Err(Status::data_loss(
-                                    "registry watch fell behind; find again",
-                                ))),
-                            },
-                        );
-                        Ok(Box::pin(head.chain(tail)))
-                    }
-                }
+            RegistryBackend::Local(s) => Ok(s.find_nse_stream(q)),
+            RegistryBackend::Kube(k) => {
+                k.wait_synced().await;
+                Ok(k.cache().find_nse_stream(q))
             }
             RegistryBackend::Remote(ch) => Ok(Box::pin(
                 NetworkServiceEndpointRegistryClient::new(ch.clone())

@@ -26,9 +26,11 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
+use crate::cluster::{ClusterOptions, KubeRegistry};
 use crate::config::Config;
 use crate::ipam::{Ipam, IpamBackend, IpamServer};
 use crate::manager::{Manager, Settings};
+use crate::pods::{NodePods, PodsServer};
 use crate::registry::{NsRegistryServer, NseRegistryServer, RegistryBackend, RegistryStore};
 use crate::store::{StoreError, Table};
 
@@ -57,6 +59,10 @@ pub struct Options {
     pub config: Config,
     /// Path segment lifetime.
     pub max_token_lifetime: Duration,
+    /// Cluster mode: the Kubernetes API holds the registry and tells us
+    /// about this node's pods (`None`: the embedded registry). IPAM stays
+    /// with `registry` (or this manager's `config` when that is `None`).
+    pub cluster: Option<ClusterOptions>,
 }
 
 /// Why a manager cannot start.
@@ -99,6 +105,10 @@ pub struct Handle {
     pub registry: Option<Arc<RegistryStore>>,
     /// The local allocator, when this manager owns IPAM.
     pub ipam: Option<Arc<Ipam>>,
+    /// The pods of this node, in cluster mode.
+    pub pods: Option<Arc<NodePods>>,
+    /// The cluster registry, in cluster mode.
+    pub kube_registry: Option<Arc<KubeRegistry>>,
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
@@ -181,39 +191,50 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
         .clone()
         .unwrap_or_else(|| default_advertise(peer_addr));
 
-    let (registry, registry_store, ipam_backend, ipam_local) = match &opts.registry {
-        Some(url) => {
-            let ch = crate::util::channel(url)?;
-            (
-                RegistryBackend::Remote(ch.clone()),
-                None,
-                IpamBackend::Remote(ch),
-                None,
-            )
-        }
+    // IPAM: the manager named by --registry owns it, or this one (--config pools).
+    let (ipam_backend, ipam_local) = match &opts.registry {
+        Some(url) => (IpamBackend::Remote(crate::util::channel(url)?), None),
         None => {
-            let store = Arc::new(RegistryStore::open(dir, opts.max_token_lifetime)?);
-            for s in &opts.config.services {
-                // Config is the source of truth for services it names.
-                store
-                    .register_ns(NsMsg {
-                        name: s.name.clone(),
-                        payload: s.payload.as_str().to_string(),
-                        ..Default::default()
-                    })
-                    .map_err(|st| StoreError::Corrupt {
-                        path: "registry-services".into(),
-                        message: st.message().to_string(),
-                    })?;
-            }
             let ipam = Arc::new(Ipam::open(dir, &opts.config.services)?);
-            (
-                RegistryBackend::Local(store.clone()),
-                Some(store),
-                IpamBackend::Local(ipam.clone()),
-                Some(ipam),
-            )
+            (IpamBackend::Local(ipam.clone()), Some(ipam))
         }
+    };
+    // Registry: the cluster's custom resources, the registry manager, or our store.
+    let mut kube_registry = None;
+    let (registry, registry_store) = if let Some(cluster) = &opts.cluster {
+        let k = KubeRegistry::new(cluster, opts.max_token_lifetime);
+        for s in &opts.config.services {
+            let ns = NsMsg {
+                name: s.name.clone(),
+                payload: s.payload.as_str().to_string(),
+                ..Default::default()
+            };
+            // Not fatal: the API server may be away while we (re)start; the
+            // services exist from an earlier start or an operator's manifest.
+            if let Err(e) = k.register_ns(ns).await {
+                tracing::warn!(service = %s.name, error = %e, "cannot register a configured service");
+            }
+        }
+        kube_registry = Some(k.clone());
+        (RegistryBackend::Kube(k), None)
+    } else if let Some(url) = &opts.registry {
+        (RegistryBackend::Remote(crate::util::channel(url)?), None)
+    } else {
+        let store = Arc::new(RegistryStore::open(dir, opts.max_token_lifetime)?);
+        for s in &opts.config.services {
+            // Config is the source of truth for services it names.
+            store
+                .register_ns(NsMsg {
+                    name: s.name.clone(),
+                    payload: s.payload.as_str().to_string(),
+                    ..Default::default()
+                })
+                .map_err(|st| StoreError::Corrupt {
+                    path: "registry-services".into(),
+                    message: st.message().to_string(),
+                })?;
+        }
+        (RegistryBackend::Local(store.clone()), Some(store))
     };
     let local_nses = Table::open(dir, "local-endpoints")?;
     let settings = Settings {
@@ -229,6 +250,16 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
         registry.clone(),
         ipam_backend,
     )?);
+
+    let pods = match &opts.cluster {
+        Some(c) => Some(NodePods::open(
+            manager.clone(),
+            c.client.clone(),
+            &opts.name,
+            dir,
+        )?),
+        None => None,
+    };
 
     let (stop, stop_rx) = watch::channel(false);
     let router = |local: bool| {
@@ -248,6 +279,12 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
             ));
         if let Some(ipam) = &ipam_local {
             r = r.add_service(IpamGrpc::new(IpamServer::new(ipam.clone())));
+        }
+        if local {
+            // Pod attachments come from the CNI plugin on this node only.
+            r = r.add_service(nsm_proto::manager::v1::pods_server::PodsServer::new(
+                PodsServer::new(pods.clone()),
+            ));
         }
         r
     };
@@ -307,7 +344,23 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
             }
         })
     };
-    tracing::info!(name = %opts.name, listen = %opts.listen.display(), peer = %peer_addr, advertise = %advertise_url,
+    let mut background = vec![ticker, watcher, peers];
+    if let Some(k) = &kube_registry {
+        background.extend(k.spawn_watches());
+        let k = k.clone();
+        background.push(tokio::spawn(async move {
+            let mut iv = tokio::time::interval(period.max(Duration::from_millis(500)));
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                iv.tick().await;
+                k.reap(SystemTime::now()).await;
+            }
+        }));
+    }
+    if let Some(p) = &pods {
+        background.push(tokio::spawn(p.clone().run()));
+    }
+    tracing::info!(name = %opts.name, cluster = opts.cluster.as_ref().map(|c| c.namespace.as_str()), listen = %opts.listen.display(), peer = %peer_addr, advertise = %advertise_url,
         registry = opts.registry.as_deref().unwrap_or("(this manager)"), "nsm-manager serving");
     Ok(Handle {
         advertise_url,
@@ -315,9 +368,11 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
         manager,
         registry: registry_store,
         ipam: ipam_local,
+        pods,
+        kube_registry,
         stop,
         servers,
-        background: vec![ticker, watcher, peers],
+        background,
     })
 }
 

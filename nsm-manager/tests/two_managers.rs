@@ -239,6 +239,7 @@ fn options(
         },
         registry,
         max_token_lifetime: lifetime,
+        cluster: None,
     }
 }
 

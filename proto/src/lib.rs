@@ -116,6 +116,31 @@ pub mod forwarder {
     }
 }
 
+/// Our node-local manager API (proto package `nsm.manager.*`), nested as
+/// its package (`nsm::manager::v1`) because its messages refer to
+/// `connection.Connection` through `super::super::super`; re-exported as
+/// [`manager`].
+#[doc(hidden)]
+pub mod nsm {
+    /// The manager API.
+    pub mod manager {
+        /// Version 1: pod attachments in cluster mode (proto package
+        /// `nsm.manager.v1`).
+        #[allow(
+            missing_docs,
+            unreachable_pub,
+            missing_debug_implementations,
+            clippy::all,
+            clippy::pedantic,
+            rustdoc::all
+        )]
+        pub mod v1 {
+            include!("gen/nsm.manager.v1.rs");
+        }
+    }
+}
+pub use nsm::manager;
+
 pub mod annotation;
 pub mod mechanisms;
 pub mod uds;

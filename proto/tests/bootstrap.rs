@@ -27,6 +27,7 @@ const PROTOS: &[&str] = &[
     "registry.proto",
     "ipam.proto",
     "nsm/forwarder/v1/forwarder.proto",
+    "nsm/manager/v1/pods.proto",
 ];
 
 const BLESS_VAR: &str = "NSM_PROTO_BLESS";

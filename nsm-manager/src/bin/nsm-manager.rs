@@ -51,6 +51,18 @@ struct Args {
     /// closed. Units: ms, s, m or h (e.g. 600s, 10m).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     max_token_lifetime: std::time::Duration,
+    /// Cluster mode with this kubeconfig: the registry is the cluster's
+    /// NetworkService/NetworkServiceEndpoint objects, and the pods scheduled to
+    /// --name are watched for their networkservicemesh.io annotation.
+    #[arg(long, env = "NSM_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Cluster mode with the in-cluster config (the pod's service account);
+    /// implied by --kubeconfig.
+    #[arg(long)]
+    kubernetes: bool,
+    /// Namespace of the NSM objects in cluster mode.
+    #[arg(long, env = "NSM_NAMESPACE", default_value = "nsm-system")]
+    namespace: String,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -105,6 +117,20 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let cluster = if args.kubernetes || args.kubeconfig.is_some() {
+            match nsm_manager::cluster::client(args.kubeconfig.as_deref()).await {
+                Ok(client) => Some(nsm_manager::cluster::ClusterOptions {
+                    client,
+                    namespace: args.namespace,
+                }),
+                Err(e) => {
+                    eprintln!("nsm-manager: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        } else {
+            None
+        };
         let opts = Options {
             name: args.name,
             listen: args.listen,
@@ -115,6 +141,7 @@ fn main() -> ExitCode {
             registry: args.registry,
             config,
             max_token_lifetime: args.max_token_lifetime,
+            cluster,
         };
         let handle = match start(opts).await {
             Ok(h) => h,

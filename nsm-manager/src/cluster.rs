@@ -1,0 +1,487 @@
+//! Cluster mode: the Kubernetes API as the registry.
+//!
+//! `NetworkService` and `NetworkServiceEndpoint` objects (NSM's custom
+//! resources, `nsm_k8s::crd`) in one namespace are the registry of every
+//! manager of the cluster. Writes go to the API server (Register =
+//! server-side apply, Unregister = delete); reads are served from a cache
+//! that a watch of each kind keeps in step ([`KubeRegistry::cache`], the
+//! same [`RegistryStore`] the embedded mode uses, kept in memory only), so
+//! that Find, Find with `watch`, and the endpoint selection of every
+//! Request and refresh keep working from the last known state while the API
+//! server is away. Established connections therefore never depend on the
+//! API server being up.
+//!
+//! Endpoint registrations carry `expiration_time`. Every manager reaps the
+//! expired ones ([`KubeRegistry::reap`]); the delete is conditional on the
+//! resourceVersion the reaper saw, so a refresh that lands first (a new
+//! resourceVersion) makes the delete fail with a conflict instead of
+//! removing a live registration. A refresh that lands after a delete simply
+//! creates the object again.
+//!
+//! Durable connection state is not here: it stays in the manager's own store.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::{WatchStreamExt, watcher};
+use nsm_k8s::crd;
+use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tonic::Status;
+
+use crate::registry::RegistryStore;
+use crate::util::{from_ts, to_ts};
+
+/// The field manager of our server-side applies.
+pub const FIELD_MANAGER: &str = "nsm-manager";
+/// How long a Find waits for the first list of the API before it answers
+/// from whatever the cache holds.
+const SYNC_WAIT: Duration = Duration::from_secs(10);
+
+/// How a manager reaches its cluster.
+#[derive(Clone)]
+pub struct ClusterOptions {
+    /// An API client (from `--kubeconfig` or the in-cluster config).
+    pub client: kube::Client,
+    /// The namespace of the NSM objects (`--namespace`).
+    pub namespace: String,
+}
+
+impl fmt::Debug for ClusterOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterOptions")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the cluster cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The kubeconfig cannot be read or used.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// No in-cluster config (not in a pod?) or no client could be made.
+    #[error("Kubernetes client: {0}")]
+    Client(String),
+}
+
+/// A client from a kubeconfig file, or from the in-cluster config (service
+/// account) when `kubeconfig` is `None`.
+///
+/// # Errors
+/// [`ClusterError`].
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, ClusterError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let bad = |message: String| ClusterError::Kubeconfig {
+                path: path.display().to_string(),
+                message,
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| bad(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| bad(e.to_string()))?
+        }
+        None => kube::Config::incluster().map_err(|e| ClusterError::Client(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(|e| ClusterError::Client(e.to_string()))
+}
+
+/// Retry delays of our watches: 0.5 s doubling up to 5 s, reset by the
+/// first event after a success. kube's default goes up to 30 s, which
+/// after an outage would leave the manager behind for that long.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Retry {
+    attempt: u32,
+}
+
+impl Iterator for Retry {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let ms = 500u64.saturating_mul(1 << self.attempt.min(4)).min(5_000);
+        self.attempt = self.attempt.saturating_add(1);
+        Some(Duration::from_millis(ms))
+    }
+}
+
+impl kube::runtime::utils::Backoff for Retry {
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Maps an API error to a gRPC status: the caller learns whether to retry.
+pub fn api_status(what: &str, e: &kube::Error) -> Status {
+    match e {
+        kube::Error::Api(s) if s.is_not_found() => Status::not_found(format!("{what}: {s}")),
+        kube::Error::Api(s) if s.code == 422 || s.code == 400 => {
+            Status::invalid_argument(format!("{what}: {s}"))
+        }
+        kube::Error::Api(s) if s.is_forbidden() => {
+            Status::permission_denied(format!("{what}: {s}"))
+        }
+        kube::Error::Api(s) if s.is_conflict() => Status::aborted(format!("{what}: {s}")),
+        e => Status::unavailable(format!("{what}: Kubernetes API: {e}")),
+    }
+}
+
+/// The registry of a cluster.
+pub struct KubeRegistry {
+    services: Api<crd::NetworkService>,
+    endpoints: Api<crd::NetworkServiceEndpoint>,
+    cache: RegistryStore,
+    /// resourceVersion of each endpoint object as last seen, for the
+    /// conditional delete of the reaper.
+    versions: Mutex<HashMap<String, String>>,
+    /// (services listed, endpoints listed) at least once.
+    synced: watch::Sender<(bool, bool)>,
+    nse_lifetime: Duration,
+}
+
+impl fmt::Debug for KubeRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeRegistry")
+            .field("cache", &self.cache)
+            .field("nse_lifetime", &self.nse_lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+fn registry_name<K: kube::ResourceExt>(obj: &K, spec_name: &str) -> String {
+    if spec_name.is_empty() {
+        obj.name_any()
+    } else {
+        spec_name.to_string()
+    }
+}
+
+impl KubeRegistry {
+    /// A registry over the objects in `opts.namespace`; call
+    /// [`KubeRegistry::spawn_watches`] to fill its cache. Endpoints
+    /// registered without `expiration_time` expire after `nse_lifetime`.
+    pub fn new(opts: &ClusterOptions, nse_lifetime: Duration) -> Arc<Self> {
+        Arc::new(KubeRegistry {
+            services: Api::namespaced(opts.client.clone(), &opts.namespace),
+            endpoints: Api::namespaced(opts.client.clone(), &opts.namespace),
+            cache: RegistryStore::open(None, nse_lifetime)
+                .expect("a memory-only store cannot fail to open"),
+            versions: Mutex::default(),
+            synced: watch::channel((false, false)).0,
+            nse_lifetime,
+        })
+    }
+
+    /// The cache of what the API server holds.
+    pub fn cache(&self) -> &RegistryStore {
+        &self.cache
+    }
+
+    /// Waits (a bounded time) until both kinds were listed once, so that a
+    /// Find right after start does not answer "nothing".
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = tokio::time::timeout(SYNC_WAIT, rx.wait_for(|(a, b)| *a && *b)).await;
+    }
+
+    fn versions(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.versions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cache_service(&self, obj: &crd::NetworkService) -> String {
+        let ns = obj.to_registry();
+        let name = ns.name.clone();
+        if let Err(e) = self.cache.put_ns(ns) {
+            tracing::warn!(service = %name, error = %e, "registry cache");
+        }
+        name
+    }
+
+    fn cache_endpoint(&self, obj: &crd::NetworkServiceEndpoint) -> String {
+        let nse = obj.to_registry();
+        let name = registry_name(obj, &obj.spec.name);
+        if let Some(rv) = obj.metadata.resource_version.clone() {
+            self.versions().insert(name.clone(), rv);
+        }
+        if let Err(e) = self.cache.put_nse(nse) {
+            tracing::warn!(endpoint = %name, error = %e, "registry cache");
+        }
+        name
+    }
+
+    fn uncache_service(&self, name: &str) {
+        let _ = self.cache.unregister_ns(name);
+    }
+
+    fn uncache_endpoint(&self, name: &str) {
+        self.versions().remove(name);
+        let _ = self.cache.unregister_nse(name);
+    }
+
+    /// Starts one watch per kind; they run until the returned tasks are
+    /// aborted, re-listing (with backoff) after every error or outage.
+    pub fn spawn_watches(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let me = self.clone();
+        let services = tokio::spawn(follow(
+            me.services.clone(),
+            "networkservices",
+            |o: &crd::NetworkService| o.to_registry().name,
+            {
+                let me = me.clone();
+                move |o: &crd::NetworkService| me.cache_service(o)
+            },
+            {
+                let me = me.clone();
+                move |name: &str| me.uncache_service(name)
+            },
+            {
+                let me = me.clone();
+                move || me.cache.names().0
+            },
+            {
+                let me = me.clone();
+                move || me.synced.send_modify(|s| s.0 = true)
+            },
+        ));
+        let me = self.clone();
+        let endpoints = tokio::spawn(follow(
+            me.endpoints.clone(),
+            "networkserviceendpoints",
+            |o: &crd::NetworkServiceEndpoint| registry_name(o, &o.spec.name),
+            {
+                let me = me.clone();
+                move |o: &crd::NetworkServiceEndpoint| me.cache_endpoint(o)
+            },
+            {
+                let me = me.clone();
+                move |name: &str| me.uncache_endpoint(name)
+            },
+            {
+                let me = me.clone();
+                move || me.cache.names().1
+            },
+            {
+                let me = me.clone();
+                move || me.synced.send_modify(|s| s.1 = true)
+            },
+        ));
+        vec![services, endpoints]
+    }
+
+    /// Register of a service: server-side apply of the whole spec.
+    ///
+    /// # Errors
+    /// Empty name, or the API's refusal.
+    pub async fn register_ns(&self, ns: NetworkService) -> Result<NetworkService, Status> {
+        if ns.name.is_empty() {
+            return Err(Status::invalid_argument("network service name is empty"));
+        }
+        let obj = crd::NetworkService::from_registry(&ns);
+        let applied = self
+            .services
+            .patch(
+                &ns.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .map_err(|e| api_status(&format!("register service {}", ns.name), &e))?;
+        // Read-your-writes: the watch will say the same a moment later.
+        self.cache_service(&applied);
+        Ok(ns)
+    }
+
+    /// Unregister of a service (unknown is fine).
+    ///
+    /// # Errors
+    /// The API's refusal.
+    pub async fn unregister_ns(&self, name: &str) -> Result<(), Status> {
+        match self.services.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            Err(e) => return Err(api_status(&format!("unregister service {name}"), &e)),
+        }
+        self.uncache_service(name);
+        Ok(())
+    }
+
+    /// Register (or refresh) of an endpoint, with the defaults of the
+    /// embedded registry: first registration time kept, expiry filled in,
+    /// unknown services created (IP payload).
+    ///
+    /// # Errors
+    /// Empty name, or the API's refusal.
+    pub async fn register_nse(
+        &self,
+        mut nse: NetworkServiceEndpoint,
+    ) -> Result<NetworkServiceEndpoint, Status> {
+        if nse.name.is_empty() {
+            return Err(Status::invalid_argument(
+                "network service endpoint name is empty",
+            ));
+        }
+        let now = SystemTime::now();
+        let old = self
+            .cache
+            .find_nse(&NetworkServiceEndpoint {
+                name: nse.name.clone(),
+                ..Default::default()
+            })
+            .into_iter()
+            .find(|e| e.name == nse.name);
+        nse.initial_registration_time = old
+            .and_then(|o| o.initial_registration_time)
+            .or(nse.initial_registration_time)
+            .or(Some(to_ts(now)));
+        if nse.expiration_time.is_none() {
+            nse.expiration_time = Some(to_ts(now + self.nse_lifetime));
+        }
+        for svc in &nse.network_service_names {
+            let known = self
+                .cache
+                .find_ns(&NetworkService {
+                    name: svc.clone(),
+                    ..Default::default()
+                })
+                .iter()
+                .any(|s| s.name == *svc);
+            if !known
+                && self
+                    .services
+                    .get_opt(svc)
+                    .await
+                    .map_err(|e| api_status(&format!("service {svc}"), &e))?
+                    .is_none()
+            {
+                self.register_ns(NetworkService {
+                    name: svc.clone(),
+                    payload: nsm_proto::mechanisms::payload::IP.into(),
+                    ..Default::default()
+                })
+                .await?;
+            }
+        }
+        let obj = crd::NetworkServiceEndpoint::from_registry(&nse);
+        let applied = self
+            .endpoints
+            .patch(
+                &nse.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .map_err(|e| api_status(&format!("register endpoint {}", nse.name), &e))?;
+        self.cache_endpoint(&applied);
+        Ok(nse)
+    }
+
+    /// Unregister of an endpoint (unknown is fine).
+    ///
+    /// # Errors
+    /// The API's refusal.
+    pub async fn unregister_nse(&self, name: &str) -> Result<(), Status> {
+        match self.endpoints.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            Err(e) => return Err(api_status(&format!("unregister endpoint {name}"), &e)),
+        }
+        self.uncache_endpoint(name);
+        Ok(())
+    }
+
+    /// Deletes endpoint objects whose registration expired unrefreshed. Safe
+    /// with many reapers and concurrent refreshes: each delete is conditional
+    /// on the resourceVersion whose expiry was seen.
+    pub async fn reap(&self, now: SystemTime) {
+        let expired: Vec<String> = self
+            .cache
+            .find_nse(&NetworkServiceEndpoint::default())
+            .into_iter()
+            .filter(|e| e.expiration_time.as_ref().is_some_and(|t| from_ts(t) < now))
+            .map(|e| e.name)
+            .collect();
+        for name in expired {
+            let Some(rv) = self.versions().get(&name).cloned() else {
+                continue;
+            };
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: Some(rv),
+                    uid: None,
+                }),
+                ..Default::default()
+            };
+            match self.endpoints.delete(&name, &dp).await {
+                Ok(_) => {
+                    tracing::info!(endpoint = %name, "registration expired; object deleted");
+                    self.uncache_endpoint(&name);
+                }
+                // Someone else reaped it, or it was refreshed meanwhile: the
+                // watch brings the truth either way.
+                Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
+                Err(e) => {
+                    tracing::debug!(endpoint = %name, error = %e, "cannot reap expired endpoint now");
+                }
+            }
+        }
+    }
+}
+
+/// Follows one kind: `name_of` is an object's registry name (which may
+/// differ from the object's), `apply` caches an object and returns its registry
+/// name, `remove` drops a name, `names` lists what is cached, `synced` is
+/// called after each complete list. Objects gone while the watch was
+/// broken are removed when the re-list completes.
+async fn follow<K>(
+    api: Api<K>,
+    kind: &'static str,
+    name_of: impl Fn(&K) -> String,
+    apply: impl Fn(&K) -> String,
+    remove: impl Fn(&str),
+    names: impl Fn() -> Vec<String>,
+    synced: impl Fn(),
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
+    K: kube::ResourceExt,
+{
+    let stream = watcher(api, watcher::Config::default()).backoff(Retry::default());
+    let mut stream = std::pin::pin!(stream);
+    let mut listed: Option<HashSet<String>> = None;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => listed = Some(HashSet::new()),
+            Ok(watcher::Event::InitApply(o)) => {
+                let name = apply(&o);
+                if let Some(l) = listed.as_mut() {
+                    l.insert(name);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let Some(l) = listed.take() {
+                    for gone in names().into_iter().filter(|n| !l.contains(n)) {
+                        remove(&gone);
+                    }
+                }
+                tracing::debug!(kind, "listed");
+                synced();
+            }
+            Ok(watcher::Event::Apply(o)) => {
+                apply(&o);
+            }
+            Ok(watcher::Event::Delete(o)) => remove(&name_of(&o)),
+            Err(e) => {
+                tracing::warn!(kind, error = %e, "watch failed; serving the cached registry, retrying")
+            }
+        }
+    }
+}
