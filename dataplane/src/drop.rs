@@ -65,6 +65,16 @@ pub enum DropReason {
     /// Any other stage verdict (a stage that cannot process the packet, e.g.
     /// `nat44` without a free mapping).
     StageRejected,
+    /// A stateful stage (`acl`) had no room for a new flow in its
+    /// fixed-size connection table.
+    ConntrackFull,
+    /// `nat44` found no free port (or table slot) for a new mapping.
+    NatExhausted,
+    /// A packet to the `nat44` address that belongs to no mapping.
+    NatNoMapping,
+    /// A packet `nat44` cannot translate: neither TCP, UDP nor ICMP echo,
+    /// a later fragment, or a truncated upper-layer header.
+    NatUntranslatable,
 
     // --- WireGuard -----------------------------------------------------------
     /// Not a WireGuard message: unknown type, non-zero reserved bytes, or the
@@ -105,7 +115,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in declaration order; `ALL[r as usize] == r`.
-    pub const ALL: [DropReason; 27] = [
+    pub const ALL: [DropReason; 31] = [
         DropReason::TooShort,
         DropReason::BadIpVersion,
         DropReason::MalformedHeader,
@@ -121,6 +131,10 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::FaultInjected,
         DropReason::StageRejected,
+        DropReason::ConntrackFull,
+        DropReason::NatExhausted,
+        DropReason::NatNoMapping,
+        DropReason::NatUntranslatable,
         DropReason::WgBadMessage,
         DropReason::WgUnknownReceiverIndex,
         DropReason::WgNoSessionForInitiation,
@@ -156,6 +170,10 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::FaultInjected => "fault_injected",
             DropReason::StageRejected => "stage_rejected",
+            DropReason::ConntrackFull => "conntrack_full",
+            DropReason::NatExhausted => "nat_exhausted",
+            DropReason::NatNoMapping => "nat_no_mapping",
+            DropReason::NatUntranslatable => "nat_untranslatable",
             DropReason::WgBadMessage => "wg_bad_message",
             DropReason::WgUnknownReceiverIndex => "wg_unknown_receiver_index",
             DropReason::WgNoSessionForInitiation => "wg_no_session_for_initiation",

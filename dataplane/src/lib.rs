@@ -26,6 +26,13 @@
 //! data message takes an uncontended per-session mutex for its replay
 //! window.
 //!
+//! The built-in service functions (`acl`, `ratelimit`, `nat44`, `mirror`,
+//! `counter`, `fault`) are in [`stages`], with their typed specs: the
+//! forwarder converts the manager's chain spec into a
+//! [`stages::ChainSpec`], and [`stages::build`] validates it and returns the
+//! [`Chain`] to install plus a handle per function for counters (and the
+//! mirror ring).
+//!
 //! # Using it
 //! ```text
 //! forwarder worker                        Dataplane

@@ -159,6 +159,15 @@ impl Chain {
         }
     }
 
+    /// A chain made of one stage that runs several functions itself (as
+    /// [`crate::stages::build`] does), with their names for status.
+    pub fn with_names<S: Stage + 'static>(stage: S, names: Vec<&'static str>) -> Self {
+        Chain {
+            stage: Some(Box::new(stage)),
+            names,
+        }
+    }
+
     /// True when no stage is installed.
     pub fn is_empty(&self) -> bool {
         self.stage.is_none()

@@ -1,10 +1,44 @@
-//! Built-in service functions. Each is a [`crate::Stage`]; the manager's
-//! chain spec names them and the forwarder builds them into a
-//! [`crate::Chain`].
+//! Built-in service functions. Each is a [`crate::Stage`] with its own
+//! lock-free counters; the manager's chain spec names them and
+//! [`build`] turns a [`ChainSpec`] into a [`crate::Chain`] plus one
+//! [`StageHandle`] per function.
 //!
-//! Shipped: [`counter`]. Planned here, with their drop reasons already in
-//! [`crate::DropReason`]: `acl`, `ratelimit`, `nat44`, `mirror`, `fault`.
+//! - [`acl`]: ordered allow/deny rules (indexed, not a linear scan),
+//!   optionally stateful;
+//! - [`ratelimit`]: token bucket per direction;
+//! - [`nat44`]: source NAT with connection tracking;
+//! - [`mirror`]: copies into a ring the forwarder drains ([`pcap`] formats
+//!   them for a file);
+//! - [`counter`]: packets and bytes at a point of the chain;
+//! - [`fault`]: seeded loss and corruption; its delay is applied by the
+//!   forwarder with a [`delay::DelayLine`] (no I/O here either).
+//!
+//! Shared machinery (packet fields, the fixed-capacity flow table, the
+//! PRNG) is in the private `flow` module.
 
+pub mod acl;
 pub mod counter;
+pub mod delay;
+pub mod fault;
+mod flow;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzz_chain;
+pub mod mirror;
+pub mod nat44;
+pub mod pcap;
+pub mod ratelimit;
+pub mod spec;
 
+pub use acl::{AclHandle, AclSnapshot, AclStage};
 pub use counter::{CounterHandle, CounterSnapshot, CounterStage};
+pub use delay::{DelayError, DelayLine};
+pub use fault::{FaultHandle, FaultSnapshot, FaultStage};
+pub use mirror::{MirrorHandle, MirrorReader, MirrorRecord, MirrorSnapshot, MirrorStage};
+pub use nat44::{Nat44Handle, Nat44Snapshot, Nat44Stage};
+pub use ratelimit::{RateLimitDirSnapshot, RateLimitHandle, RateLimitSnapshot, RateLimitStage};
+pub use spec::{
+    AclAction, AclRule, AclSpec, BuiltChain, ChainSpec, FaultSpec, FlowMatch, FunctionSpec,
+    MirrorSpec, Nat44Spec, PortRange, Prefix, PrefixParseError, Proto, RateLimitSpec, SpecError,
+    SpecErrorKind, StageHandle, build,
+};
