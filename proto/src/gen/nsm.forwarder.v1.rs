@@ -122,7 +122,10 @@ pub struct Neighbor {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WireguardTunnel {
-    /// Peer forwarder's underlay IP (IPv4 or IPv6 literal).
+    /// Peer forwarder's underlay IP (IPv4 or IPv6 literal). May be empty only
+    /// together with an empty peer_public_key: the first Program of a
+    /// cross-node connection, before the peer is known, which gets this side's
+    /// key back and leaves the cross-connect PENDING.
     #[prost(string, tag = "1")]
     pub peer_ip: ::prost::alloc::string::String,
     /// Peer forwarder's WireGuard UDP port; 0 means 51820.

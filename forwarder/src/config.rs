@@ -1,0 +1,81 @@
+//! Command line of `nsm-forwarder`. Every flag can also come from the
+//! environment variable named in its help.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The nsm-rs data plane of one node: creates the pods' TUN/TAP interfaces,
+/// carries their packets to other nodes over one WireGuard UDP socket, and
+/// is programmed by nsm-manager over a gRPC API on a unix socket.
+///
+/// Run it in the node's network namespace. SIGTERM or SIGINT removes every
+/// interface it made and exits.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nsm-forwarder", version)]
+pub struct Config {
+    /// Forwarder name, unique in the cluster (usually the node name);
+    /// reported by the Info call.
+    #[arg(long, env = "NSM_FORWARDER_NAME", value_name = "NODE")]
+    pub name: String,
+
+    /// Path of the unix socket the gRPC API (nsm.forwarder.v1.Forwarder) is
+    /// served on. Missing directories are created; a stale socket file is
+    /// replaced.
+    #[arg(long, env = "NSM_FORWARDER_LISTEN", value_name = "PATH")]
+    pub listen: PathBuf,
+
+    /// This node's address on the underlay (IPv4 or IPv6, no prefix length).
+    /// The WireGuard UDP socket binds it, and peers send to it.
+    #[arg(long, env = "NSM_FORWARDER_UNDERLAY_IP", value_name = "IP")]
+    pub underlay_ip: IpAddr,
+
+    /// UDP port of the WireGuard socket that carries every session.
+    #[arg(
+        long,
+        env = "NSM_FORWARDER_WIREGUARD_PORT",
+        value_name = "PORT",
+        default_value_t = 51820
+    )]
+    pub wireguard_port: u16,
+
+    /// MTU of the underlay, in bytes. Default: the MTU of the interface
+    /// holding --underlay-ip. Pod MTUs default to it minus 60 (IPv4
+    /// underlay) or 80 (IPv6 underlay).
+    #[arg(long, env = "NSM_FORWARDER_UNDERLAY_MTU", value_name = "BYTES",
+          value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    pub underlay_mtu: Option<u32>,
+
+    /// Datagrams per recvmmsg/sendmmsg call, and packets read from one pod
+    /// interface per wake-up (1-1024).
+    #[arg(long, env = "NSM_FORWARDER_BATCH", value_name = "PACKETS", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub batch: u16,
+
+    /// Receive and send buffer of the WireGuard UDP socket, in bytes (set
+    /// with SO_RCVBUFFORCE/SO_SNDBUFFORCE, so above net.core.rmem_max).
+    /// Small buffers lose packets under load.
+    #[arg(long, env = "NSM_FORWARDER_SOCKET_BUFFER", value_name = "BYTES", default_value_t = 8 << 20)]
+    pub socket_buffer: usize,
+
+    /// Do not group datagrams to the same peer into one UDP GSO send
+    /// (UDP_SEGMENT). GSO is on by default and switches itself off if the
+    /// kernel refuses it.
+    #[arg(long, env = "NSM_FORWARDER_NO_UDP_GSO")]
+    pub no_udp_gso: bool,
+
+    /// Do not coalesce TCP segments into superpackets when writing to pod
+    /// TUNs (receive-side GRO in userspace). On by default.
+    #[arg(long, env = "NSM_FORWARDER_NO_TUN_GRO")]
+    pub no_tun_gro: bool,
+
+    /// Most pod interfaces at once (each cross-connect uses one or two).
+    #[arg(
+        long,
+        env = "NSM_FORWARDER_MAX_PORTS",
+        value_name = "COUNT",
+        default_value_t = 16384
+    )]
+    pub max_ports: u32,
+}

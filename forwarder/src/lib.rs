@@ -1,0 +1,230 @@
+//! `nsm-forwarder`: the data plane of one node.
+//!
+//! Owns every piece of packet I/O on its node: the pod-side TUN/TAP devices
+//! (created inside the pods' network namespaces, [`pod`]), the one UDP
+//! socket that carries every WireGuard session to other nodes, and the
+//! packet thread ([`worker`]) that runs the `nsm-dataplane` core over
+//! batches of packets. The manager programs it over its own gRPC API
+//! ([`service`], `nsm_proto::forwarder::v1`); requests become typed values
+//! at one boundary ([`plan`]).
+//!
+//! It must never keep durable state (after a restart it comes up empty and
+//! the manager re-programs it; its pod devices die with its fds, see
+//! [`pod`]), never take a lock, allocate or log per packet, never leave the
+//! node's network namespace on a long-lived thread, and never put a private
+//! key in a log line, a `Debug` output or an API reply ([`keys`]).
+//!
+//! Module map:
+//! - [`config`]: the command line.
+//! - [`plan`]: protobuf -> validated plan; refusals with gRPC codes.
+//! - [`keys`]: per-connection x25519 keys, base64.
+//! - [`pod`]: TUN/TAP creation in a pod's netns + netlink configuration.
+//! - [`worker`]: the packet thread (epoll, batches, the `Dataplane`).
+//! - [`service`]: the gRPC service and the cross-connect registry.
+//! - `offload`: TUN virtio-net headers, TCP segmentation, checksums.
+//! - `sys`: the only `unsafe` code (TUNSETIFF/TUNSETOFFLOAD, recvmmsg with
+//!   UDP_GRO, sendmmsg with UDP GSO).
+
+// `deny`, not `forbid`: `sys` must be able to opt out, and nothing else may.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod keys;
+mod offload;
+pub mod plan;
+pub mod pod;
+pub mod service;
+#[allow(unsafe_code)]
+mod sys;
+pub mod worker;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+
+use futures_util::TryStreamExt;
+use nsm_dataplane::{Dataplane, DataplaneConfig};
+use nsm_proto::forwarder::v1::forwarder_server::ForwarderServer;
+
+pub use config::Config;
+
+/// Why the forwarder could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The WireGuard socket could not be bound or configured.
+    #[error("WireGuard socket {addr}: {source}")]
+    Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The underlay MTU could not be found.
+    #[error("underlay MTU of {ip}: {reason} (pass --underlay-mtu)")]
+    UnderlayMtu {
+        /// The underlay address.
+        ip: IpAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The API socket could not be bound.
+    #[error("API socket {path}: {source}")]
+    Listen {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The packet thread could not start.
+    #[error("packet thread: {0}")]
+    Worker(#[source] std::io::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Finds the MTU of the interface holding `ip`, over netlink.
+///
+/// # Errors
+/// When no interface has the address or netlink fails.
+pub async fn detect_underlay_mtu(ip: IpAddr) -> Result<u32, String> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
+    let task = tokio::spawn(conn);
+    let result = async {
+        let mut addrs = handle.address().get().execute();
+        let mut index = None;
+        while let Some(msg) = addrs.try_next().await.map_err(|e| e.to_string())? {
+            let has = msg.attributes.iter().any(|a| match a {
+                AddressAttribute::Address(a) | AddressAttribute::Local(a) => *a == ip,
+                _ => false,
+            });
+            if has {
+                index = Some(msg.header.index);
+                break;
+            }
+        }
+        let index = index.ok_or("no interface has this address")?;
+        let link = handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("interface vanished")?;
+        link.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .ok_or_else(|| "interface has no MTU attribute".to_string())
+    }
+    .await;
+    task.abort();
+    result
+}
+
+fn bind_wireguard(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let sock = UdpSocket::bind(addr)?;
+    // Force past net.core.{r,w}mem_max (we run with CAP_NET_ADMIN): small
+    // buffers are where slow userspace WireGuard implementations lose
+    // packets. Best effort: a smaller buffer still works.
+    if setsockopt(&sock, sockopt::RcvBufForce, &buffer).is_err() {
+        let _ = setsockopt(&sock, sockopt::RcvBuf, &buffer);
+    }
+    if setsockopt(&sock, sockopt::SndBufForce, &buffer).is_err() {
+        let _ = setsockopt(&sock, sockopt::SndBuf, &buffer);
+    }
+    // UDP_GRO: a run of datagrams from one peer (typically one UDP GSO
+    // send of the peer forwarder) arrives as one message. Best effort.
+    if let Err(e) = setsockopt(&sock, sockopt::UdpGroSegment, &true) {
+        tracing::info!(error = %e, "UDP GRO not available");
+    }
+    // Blocking for sends (a full buffer pushes back instead of losing
+    // packets); receives use MSG_DONTWAIT.
+    sock.set_nonblocking(false)?;
+    Ok(sock)
+}
+
+/// Runs the forwarder until `shutdown` resolves, then removes every
+/// cross-connect (deleting their interfaces) and stops the packet thread.
+///
+/// # Errors
+/// [`RunError`] when a resource cannot be set up or the server fails.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let underlay_mtu = match config.underlay_mtu {
+        Some(m) => m,
+        None => detect_underlay_mtu(config.underlay_ip)
+            .await
+            .map_err(|reason| RunError::UnderlayMtu {
+                ip: config.underlay_ip,
+                reason,
+            })?,
+    };
+    let addr = SocketAddr::new(config.underlay_ip, config.wireguard_port);
+    let udp = bind_wireguard(addr, config.socket_buffer)
+        .map_err(|source| RunError::Socket { addr, source })?;
+    let dp = Dataplane::new(DataplaneConfig {
+        max_ports: config.max_ports,
+        ..DataplaneConfig::default()
+    });
+    let (worker, join) = worker::spawn(
+        dp,
+        udp,
+        worker::WorkerConfig {
+            batch: usize::from(config.batch),
+            udp_gso: !config.no_udp_gso,
+            tun_gro: !config.no_tun_gro,
+            // IPv4 20 + UDP 8, or IPv6 40 + UDP 8.
+            max_udp_payload: usize::try_from(underlay_mtu)
+                .unwrap_or(1500)
+                .saturating_sub(if config.underlay_ip.is_ipv4() { 28 } else { 48 }),
+            ..worker::WorkerConfig::default()
+        },
+    )
+    .map_err(RunError::Worker)?;
+
+    let identity = service::Identity {
+        name: config.name.clone(),
+        underlay_ip: config.underlay_ip,
+        wireguard_port: config.wireguard_port,
+        underlay_mtu,
+    };
+    let svc = service::ForwarderService::new(identity, worker.clone());
+    svc.spawn_state_monitor(std::time::Duration::from_secs(1));
+    let incoming =
+        nsm_proto::uds::bind_unix(&config.listen).map_err(|source| RunError::Listen {
+            path: config.listen.clone(),
+            source,
+        })?;
+    tracing::info!(
+        name = %config.name,
+        listen = %config.listen.display(),
+        wireguard = %addr,
+        underlay_mtu,
+        "forwarder ready"
+    );
+    let svc2 = svc.clone();
+    let shutdown = async move {
+        shutdown.await;
+        svc2.begin_shutdown();
+    };
+    let served = tonic::transport::Server::builder()
+        .add_service(ForwarderServer::new(svc.clone()))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    tracing::info!("shutting down: removing every cross-connect");
+    svc.remove_all().await;
+    worker.stop();
+    let _ = tokio::task::spawn_blocking(move || join.join()).await;
+    let _ = std::fs::remove_file(&config.listen);
+    served.map_err(RunError::Serve)
+}

@@ -1,0 +1,853 @@
+//! The gRPC API (`nsm.forwarder.v1.Forwarder`) and the registry of
+//! cross-connects behind it.
+//!
+//! The registry is control-plane state only: what the manager asked for,
+//! which pod devices (ports) and keys belong to each cross-connect. Program
+//! and Remove hold its lock for their whole run, so they apply one at a
+//! time and in order; the packet thread never waits for it, because every
+//! change reaches the data plane as a closure run between two batches
+//! ([`WorkerHandle::call`]).
+//!
+//! Program either completes or leaves nothing behind: each step that made
+//! something (a device, a port, a cross-connect) is undone, in reverse,
+//! when a later one fails. An update that only fills in or changes the
+//! WireGuard side keeps the devices, key, counters and session; one that
+//! changes a pod side (addresses, routes, MTU, ...) recreates the devices,
+//! and if that fails the cross-connect is removed (and a DELETE published)
+//! rather than left half-updated. The key of an id survives every update.
+//!
+//! Events: Program and Remove publish UPDATE/DELETE; a state monitor
+//! publishes state changes (handshake done, session expired, pod gone);
+//! each Watch adds its own periodic counter UPDATEs. All are published
+//! under the registry lock, so they reach watchers in order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nsm_dataplane::{
+    FarEnd, MacAddr, Payload, PodEnd, PortId, PortKind, TapConfig, WgPeer, XconnCounters,
+    XconnSpec, XconnStatus,
+};
+use nsm_proto::forwarder::v1 as pb;
+use nsm_proto::forwarder::v1::forwarder_server::Forwarder;
+use tokio::sync::{Mutex, broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::keys::{self, PrivateKey};
+use crate::plan::{self, KernelPlan, Plan, Refusal, SidePlan};
+use crate::pod;
+use crate::worker::WorkerHandle;
+
+/// Smallest Watch counters interval honoured.
+pub const MIN_COUNTERS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Static facts about this forwarder.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Forwarder name.
+    pub name: String,
+    /// Underlay address.
+    pub underlay_ip: IpAddr,
+    /// WireGuard UDP port.
+    pub wireguard_port: u16,
+    /// Underlay MTU, bytes.
+    pub underlay_mtu: u32,
+}
+
+impl Identity {
+    /// Pod MTU when a request leaves it at 0: the underlay's minus the
+    /// WireGuard overhead for the underlay's family.
+    pub fn derived_mtu(&self) -> u32 {
+        use nsm_proto::mechanisms::wireguard::{OVERHEAD_IPV4, OVERHEAD_IPV6};
+        let overhead = if self.underlay_ip.is_ipv4() {
+            OVERHEAD_IPV4
+        } else {
+            OVERHEAD_IPV6
+        };
+        self.underlay_mtu.saturating_sub(overhead)
+    }
+}
+
+/// A pod device we made for one side.
+#[derive(Debug, Clone, Copy)]
+struct PodState {
+    port: PortId,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// The last request accepted, to answer a repeat without work.
+    request: pb::CrossConnect,
+    plan: Plan,
+    /// Per side (source, destination): the device, for kernel sides.
+    pods: [Option<PodState>; 2],
+    /// This cross-connect's WireGuard key, when a side is WireGuard.
+    key: Option<PrivateKey>,
+    /// Set while the cross-connect is programmed in the data plane (a
+    /// WireGuard side waits for the peer's key before it is).
+    counters: Option<XconnCounters>,
+    mtu: u32,
+    /// Which side is the data plane's side A (always a kernel side).
+    a_is_source: bool,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    entries: BTreeMap<String, Entry>,
+    free_ports: Vec<u32>,
+    next_port: u32,
+}
+
+impl Registry {
+    fn alloc_port(&mut self) -> PortId {
+        PortId(self.free_ports.pop().unwrap_or_else(|| {
+            self.next_port += 1;
+            self.next_port - 1
+        }))
+    }
+
+    fn free_port(&mut self, p: PortId) {
+        self.free_ports.push(p.0);
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    identity: Identity,
+    worker: WorkerHandle,
+    registry: Mutex<Registry>,
+    events: broadcast::Sender<pb::CrossConnectEvent>,
+    /// Set on shutdown: ends Watch streams, which would otherwise keep
+    /// the server's graceful shutdown waiting forever.
+    shutdown: tokio::sync::watch::Sender<bool>,
+    /// The state last published for each id (by Program or the state
+    /// monitor), so that the monitor reports exactly the changes.
+    reported: Mutex<HashMap<String, i32>>,
+}
+
+/// The gRPC service. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ForwarderService {
+    shared: Arc<Shared>,
+}
+
+impl ForwarderService {
+    /// A service programming the packet thread behind `worker`.
+    pub fn new(identity: Identity, worker: WorkerHandle) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        ForwarderService {
+            shared: Arc::new(Shared {
+                identity,
+                worker,
+                registry: Mutex::new(Registry::default()),
+                events,
+                shutdown: tokio::sync::watch::Sender::new(false),
+                reported: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Watches state changes (a handshake completing, a session expiring, a
+    /// pod going away) and publishes them as UPDATE events, every `period`.
+    /// It keeps its baseline even while nobody watches, so a change that
+    /// happens right after a Watch's snapshot is still reported. Runs until
+    /// shutdown.
+    pub fn spawn_state_monitor(&self, period: Duration) {
+        let svc = self.clone();
+        let mut shutdown = self.shared.shutdown.subscribe();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = ticker.tick() => {}
+                }
+                // The registry lock is held until the event is out:
+                // Program and Remove publish under it too, so events never
+                // go out of order.
+                let reg = svc.shared.registry.lock().await;
+                let all = svc.statuses(&reg, &[]).await;
+                let mut changed = Vec::new();
+                let mut reported = svc.shared.reported.lock().await;
+                for st in all {
+                    // An id not yet reported is being programmed right
+                    // now: its Program publishes it.
+                    if let Some(prev) = reported.get_mut(&st.id)
+                        && *prev != st.state
+                    {
+                        *prev = st.state;
+                        changed.push(st);
+                    }
+                }
+                drop(reported);
+                if !changed.is_empty() {
+                    let _ = svc.shared.events.send(pb::CrossConnectEvent {
+                        r#type: pb::cross_connect_event::Type::Update as i32,
+                        cross_connects: changed,
+                    });
+                }
+                drop(reg);
+            }
+        });
+    }
+
+    /// Ends every Watch stream; call when the server starts shutting down.
+    pub fn begin_shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+    }
+
+    /// Removes every cross-connect (used on shutdown).
+    pub async fn remove_all(&self) {
+        let ids: Vec<String> = self
+            .shared
+            .registry
+            .lock()
+            .await
+            .entries
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            let _ = self.remove_id(&id).await;
+        }
+    }
+
+    async fn remove_id(&self, id: &str) -> Result<(), Status> {
+        let mut reg = self.shared.registry.lock().await;
+        let Some(entry) = reg.entries.remove(id) else {
+            return Ok(());
+        };
+        self.teardown(&mut reg, id, &entry).await;
+        tracing::info!(xconn = id, "cross-connect removed");
+        self.shared.reported.lock().await.remove(id);
+        // Published under the registry lock: see `spawn_state_monitor`.
+        let _ = self.shared.events.send(pb::CrossConnectEvent {
+            r#type: pb::cross_connect_event::Type::Delete as i32,
+            cross_connects: vec![pb::CrossConnectStatus {
+                id: id.to_string(),
+                ..Default::default()
+            }],
+        });
+        drop(reg);
+        Ok(())
+    }
+
+    /// Takes `entry` out of the data plane and closes its devices.
+    async fn teardown(&self, reg: &mut Registry, id: &str, entry: &Entry) {
+        let ports: Vec<PortId> = entry.pods.iter().flatten().map(|p| p.port).collect();
+        let id_owned = id.to_string();
+        let ports_c = ports.clone();
+        let r = self
+            .shared
+            .worker
+            .call(move |core| {
+                let _ = core.dp.remove_xconnect(&id_owned);
+                for p in ports_c {
+                    core.remove_port(p);
+                }
+            })
+            .await;
+        if r.is_err() {
+            tracing::error!(xconn = id, "packet thread gone while removing");
+        }
+        for p in ports {
+            reg.free_port(p);
+        }
+    }
+
+    async fn program_inner(
+        &self,
+        req: pb::CrossConnect,
+    ) -> Result<pb::CrossConnectStatus, Refusal> {
+        let plan = plan::parse(&req)?;
+        let id = plan.id.clone();
+        let mut reg = self.shared.registry.lock().await;
+
+        if let Some(e) = reg.entries.get(&id)
+            && e.request == req
+        {
+            // The same request again: same result, nothing to do.
+            let st = self.statuses(&reg, std::slice::from_ref(&id)).await;
+            return Ok(st.into_iter().next().unwrap_or_default());
+        }
+
+        // An interface name may be used once per namespace.
+        for (other_id, other) in &reg.entries {
+            if *other_id == id {
+                continue;
+            }
+            for mine in kernel_sides(&plan) {
+                for theirs in kernel_sides(&other.plan) {
+                    if mine.netns == theirs.netns && mine.name == theirs.name {
+                        return Err(Refusal::new(
+                            tonic::Code::AlreadyExists,
+                            format!(
+                                "interface {} in {} is already used by cross-connect {other_id}",
+                                mine.name,
+                                mine.netns.path.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+
+        // An update that changes a pod side is carried out as remove +
+        // create; one that only changes a WireGuard side (typically: the
+        // peer's key arrives) keeps the devices and the session state.
+        let mut key = None;
+        let mut reused: [Option<PodState>; 2] = [None, None];
+        let mut prev_counters = None;
+        // An update takes the old entry out of the registry: if the rest
+        // fails, the cross-connect is gone and watchers must hear so.
+        let existed = reg.entries.contains_key(&id);
+        if let Some(old) = reg.entries.remove(&id) {
+            let same_pods = plan
+                .sides()
+                .iter()
+                .zip(old.plan.sides())
+                .all(|(n, o)| match (n, o) {
+                    (SidePlan::Kernel(a), SidePlan::Kernel(b)) => a == b,
+                    (SidePlan::Wireguard(_), SidePlan::Wireguard(_)) => true,
+                    _ => false,
+                })
+                && plan.effective_mtu(self.shared.identity.derived_mtu()) == old.mtu;
+            key = old.key.clone();
+            if same_pods {
+                reused = old.pods;
+                prev_counters = old.counters.clone();
+            } else {
+                self.teardown(&mut reg, &id, &old).await;
+            }
+        }
+        let has_wg = plan
+            .sides()
+            .iter()
+            .any(|s| matches!(s, SidePlan::Wireguard(_)));
+        if has_wg && key.is_none() {
+            key = Some(PrivateKey::generate().map_err(|e| {
+                Refusal::new(tonic::Code::Internal, format!("generating a key: {e}"))
+            })?);
+        }
+        if !has_wg {
+            key = None;
+        }
+        let mtu = plan.effective_mtu(self.shared.identity.derived_mtu());
+        let a_is_source = matches!(plan.source, SidePlan::Kernel(_));
+
+        // Create missing devices, each registered with the packet thread.
+        let mut pods = reused;
+        let mut made: Vec<PortId> = Vec::new();
+        for (i, side) in plan.sides().into_iter().enumerate() {
+            let SidePlan::Kernel(k) = side else { continue };
+            if pods[i].is_some() {
+                continue;
+            }
+            let created = match pod::create(k, mtu, &id).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.undo_ports(&mut reg, &made).await;
+                    return Err(self.failed_update(existed, &id, e).await);
+                }
+            };
+            let port = reg.alloc_port();
+            let kind = port_kind(k, port);
+            let (fd, offload) = (created.fd, created.offload);
+            let added = self
+                .shared
+                .worker
+                .call(move |core| core.add_port(port, kind, fd, offload))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            if let Err(e) = added {
+                reg.free_port(port);
+                self.undo_ports(&mut reg, &made).await;
+                let e = Refusal::new(
+                    tonic::Code::Internal,
+                    format!("registering interface {}: {e}", k.name),
+                );
+                return Err(self.failed_update(existed, &id, e).await);
+            }
+            made.push(port);
+            pods[i] = Some(PodState { port });
+        }
+
+        // Program the data plane once every side is known.
+        // From here on a failure must also undo reused devices: the old
+        // entry is already out of the registry.
+        let all_ports: Vec<PortId> = pods.iter().flatten().map(|p| p.port).collect();
+        let spec = match build_spec(&plan, &pods, key.as_ref(), mtu, a_is_source) {
+            Ok(s) => s,
+            Err(e) => {
+                self.undo_ports(&mut reg, &all_ports).await;
+                return Err(self.failed_update(existed, &id, e).await);
+            }
+        };
+        let id_c = id.clone();
+        let result = self
+            .shared
+            .worker
+            .call(move |core| match spec {
+                Some(spec) => {
+                    let is_wg = matches!(spec.b, FarEnd::Wireguard(_));
+                    let r = core.dp.upsert_xconnect(&id_c, spec).map(Some);
+                    if r.is_ok() && is_wg {
+                        core.initiate_handshake(&id_c);
+                    }
+                    r
+                }
+                None => {
+                    // Not complete (any more): keep the devices, drop
+                    // traffic until the peer's key arrives.
+                    let _ = core.dp.remove_xconnect(&id_c);
+                    Ok(None)
+                }
+            })
+            .await
+            .map_err(|e| Refusal::new(tonic::Code::Internal, e.to_string()))?;
+        let counters = match result {
+            Ok(c) => c.or(prev_counters),
+            Err(e) => {
+                let id_c = id.clone();
+                let _ = self
+                    .shared
+                    .worker
+                    .call(move |core| core.dp.remove_xconnect(&id_c).map(drop))
+                    .await;
+                self.undo_ports(&mut reg, &all_ports).await;
+                let e = Refusal::new(tonic::Code::FailedPrecondition, e.to_string());
+                return Err(self.failed_update(existed, &id, e).await);
+            }
+        };
+
+        reg.entries.insert(
+            id.clone(),
+            Entry {
+                request: req,
+                plan,
+                pods,
+                key,
+                counters,
+                mtu,
+                a_is_source,
+            },
+        );
+        let st = self.statuses(&reg, std::slice::from_ref(&id)).await;
+        let status = st.into_iter().next().unwrap_or_default();
+        tracing::info!(xconn = %id, state = status.state, mtu, "cross-connect programmed");
+        self.shared
+            .reported
+            .lock()
+            .await
+            .insert(id.clone(), status.state);
+        // Published under the registry lock: see `spawn_state_monitor`.
+        let _ = self.shared.events.send(pb::CrossConnectEvent {
+            r#type: pb::cross_connect_event::Type::Update as i32,
+            cross_connects: vec![status.clone()],
+        });
+        drop(reg);
+        Ok(status)
+    }
+
+    /// A Program failed after an earlier version of `id` was taken out (an
+    /// update replaces the whole cross-connect when it fails half-way, so
+    /// that nothing is left half-made): tell watchers it is gone. Returns `err` for the caller.
+    async fn failed_update(&self, gone: bool, id: &str, err: Refusal) -> Refusal {
+        if gone {
+            tracing::warn!(xconn = id, "update failed; the cross-connect is removed");
+            self.shared.reported.lock().await.remove(id);
+            let _ = self.shared.events.send(pb::CrossConnectEvent {
+                r#type: pb::cross_connect_event::Type::Delete as i32,
+                cross_connects: vec![pb::CrossConnectStatus {
+                    id: id.to_string(),
+                    ..Default::default()
+                }],
+            });
+        }
+        err
+    }
+
+    /// Forgets ports made by a Program that then failed (closing them
+    /// deletes their devices).
+    async fn undo_ports(&self, reg: &mut Registry, ports: &[PortId]) {
+        let ps = ports.to_vec();
+        let _ = self
+            .shared
+            .worker
+            .call(move |core| {
+                for p in ps.into_iter().rev() {
+                    core.remove_port(p);
+                }
+            })
+            .await;
+        for p in ports {
+            reg.free_port(*p);
+        }
+    }
+
+    /// Statuses of `ids` (every entry when empty), in id order.
+    async fn statuses(&self, reg: &Registry, ids: &[String]) -> Vec<pb::CrossConnectStatus> {
+        let entries: Vec<(&String, &Entry)> = if ids.is_empty() {
+            reg.entries.iter().collect()
+        } else {
+            ids.iter()
+                .filter_map(|id| reg.entries.get_key_value(id))
+                .collect()
+        };
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        // One trip to the packet thread for all of them: WireGuard state
+        // (boringtun's, behind its lock: not readable from here) and
+        // whether a device died under us.
+        let query: Vec<(String, bool, Vec<PortId>)> = entries
+            .iter()
+            .map(|(id, e)| {
+                let wg = e.counters.is_some() && e.key.is_some();
+                let ports = e.pods.iter().flatten().map(|p| p.port).collect();
+                ((*id).clone(), wg, ports)
+            })
+            .collect();
+        let now = Instant::now();
+        let live: Vec<(Option<XconnStatus>, bool)> = self
+            .shared
+            .worker
+            .call(move |core| {
+                query
+                    .iter()
+                    .map(|(id, wg, ports)| {
+                        let st = if *wg { core.dp.status(id, now) } else { None };
+                        (st, ports.iter().any(|p| core.is_dead(*p)))
+                    })
+                    .collect()
+            })
+            .await
+            .unwrap_or_default();
+        let wall = SystemTime::now();
+        let ident = &self.shared.identity;
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, (id, e))| {
+                let (dps, dead) = live.get(i).cloned().unwrap_or((None, false));
+                let dead = dead || kernel_sides(&e.plan).any(|k| !netns_alive(k));
+                status_of(id, e, dps.as_ref(), dead, ident, now, wall)
+            })
+            .collect()
+    }
+}
+
+/// Whether the pod's namespace is still the one we created the device in.
+/// Our device fd keeps a deleted namespace alive, so the device never
+/// fails by itself: the sign that the pod is gone is its path vanishing
+/// (`/run/netns/NAME` deleted, `/proc/PID/ns/net` of a dead process) or
+/// naming another namespace (a reused PID).
+fn netns_alive(k: &KernelPlan) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(&k.netns.path).is_ok_and(|m| (m.dev(), m.ino()) == k.netns.id)
+}
+
+fn kernel_sides(p: &Plan) -> impl Iterator<Item = &KernelPlan> {
+    p.sides().into_iter().filter_map(|s| match s {
+        SidePlan::Kernel(k) => Some(k),
+        SidePlan::Wireguard(_) => None,
+    })
+}
+
+/// A locally administered MAC for the data plane's side of a TAP when the
+/// manager gave no neighbour: unique per port on this node.
+fn synthetic_mac(port: PortId) -> MacAddr {
+    let b = port.0.to_be_bytes();
+    MacAddr([0x02, 0xfe, b[0], b[1], b[2], b[3]])
+}
+
+fn port_kind(k: &KernelPlan, port: PortId) -> PortKind {
+    if !k.tap {
+        return PortKind::Tun;
+    }
+    // The pod has a static neighbour entry for its peer: answer and send
+    // with that MAC, or the pod would see two.
+    let peer_mac = k
+        .neighbors
+        .first()
+        .map(|(_, m)| *m)
+        .unwrap_or_else(|| synthetic_mac(port));
+    PortKind::Tap(TapConfig {
+        peer_mac,
+        pod_mac: k.mac,
+    })
+}
+
+/// The pod's view of its peer: neighbour entries first, then next hops,
+/// then (same node) the other pod's own addresses.
+fn pod_end(k: &KernelPlan, port: PortId, other: Option<&KernelPlan>) -> PodEnd {
+    let mut ips: Vec<IpAddr> = k.neighbors.iter().map(|(ip, _)| *ip).collect();
+    ips.extend(k.routes.iter().filter_map(|r| r.next_hop));
+    if let Some(o) = other {
+        ips.extend(o.addresses.iter().map(|n| n.addr()));
+    }
+    let (peer_ipv4, peer_ipv6) = plan::first_addrs(ips.into_iter());
+    PodEnd {
+        port,
+        peer_ipv4,
+        peer_ipv6,
+    }
+}
+
+/// The data plane's view of `plan`, or `None` while a WireGuard side lacks
+/// the peer's key.
+fn build_spec(
+    plan: &Plan,
+    pods: &[Option<PodState>; 2],
+    key: Option<&PrivateKey>,
+    mtu: u32,
+    a_is_source: bool,
+) -> Result<Option<XconnSpec>, Refusal> {
+    let mtu16 = u16::try_from(mtu)
+        .map_err(|_| Refusal::invalid(format!("MTU {mtu} does not fit the data plane")))?;
+    let (ai, bi) = if a_is_source { (0, 1) } else { (1, 0) };
+    let sides = plan.sides();
+    let SidePlan::Kernel(ak) = sides[ai] else {
+        return Err(Refusal::invalid("no kernel side"));
+    };
+    let a_port = pods[ai]
+        .ok_or_else(|| Refusal::new(tonic::Code::Internal, "kernel side without a device"))?
+        .port;
+    let payload = if ak.tap {
+        Payload::Ethernet
+    } else {
+        Payload::Ip
+    };
+    let (a, b) = match sides[bi] {
+        SidePlan::Kernel(bk) => {
+            let b_port = pods[bi]
+                .ok_or_else(|| Refusal::new(tonic::Code::Internal, "kernel side without a device"))?
+                .port;
+            (
+                pod_end(ak, a_port, Some(bk)),
+                FarEnd::Pod(pod_end(bk, b_port, Some(ak))),
+            )
+        }
+        SidePlan::Wireguard(w) => {
+            let (Some(peer_public), Some(endpoint), Some(key)) = (w.peer_public, w.peer, key)
+            else {
+                return Ok(None);
+            };
+            (
+                pod_end(ak, a_port, None),
+                FarEnd::Wireguard(WgPeer {
+                    local_private: key.secret().clone(),
+                    peer_public,
+                    preshared_key: None,
+                    endpoint,
+                    persistent_keepalive: w.keepalive,
+                }),
+            )
+        }
+    };
+    Ok(Some(XconnSpec {
+        payload,
+        mtu: mtu16,
+        a,
+        b,
+    }))
+}
+
+fn status_of(
+    id: &str,
+    e: &Entry,
+    dps: Option<&XconnStatus>,
+    dead: bool,
+    ident: &Identity,
+    now: Instant,
+    wall: SystemTime,
+) -> pb::CrossConnectStatus {
+    use pb::cross_connect_status::State;
+    let wg = e.key.is_some();
+    let wg_status = dps.and_then(|s| s.wireguard.as_ref());
+    let (state, error) = if dead {
+        (
+            State::Down,
+            "a pod interface went away (its namespace was deleted?)".to_string(),
+        )
+    } else if !wg {
+        (State::Up, String::new())
+    } else if e.counters.is_none() {
+        (State::Pending, String::new())
+    } else {
+        match wg_status {
+            Some(w) if w.established => (State::Up, String::new()),
+            Some(w) if w.expired => (
+                State::Down,
+                "WireGuard session expired without a new handshake".to_string(),
+            ),
+            _ => (State::Pending, String::new()),
+        }
+    };
+    let last_handshake_unix_ms = wg_status
+        .and_then(|w| w.last_handshake)
+        .and_then(|t| wall.checked_sub(now.saturating_duration_since(t)))
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let counters = e.counters.as_ref().map(|c| {
+        let snap = c.snapshot();
+        // The proto counts at the source side.
+        let side = if e.a_is_source { snap.a } else { snap.b };
+        pb::Counters {
+            rx_packets: side.rx_packets,
+            rx_bytes: side.rx_bytes,
+            tx_packets: side.tx_packets,
+            tx_bytes: side.tx_bytes,
+            drops: snap
+                .drops
+                .nonzero()
+                .map(|(r, n)| (r.as_str().to_string(), n))
+                .collect(),
+            last_handshake_unix_ms,
+        }
+    });
+    pb::CrossConnectStatus {
+        id: id.to_string(),
+        state: state as i32,
+        wireguard_public_key: e
+            .key
+            .as_ref()
+            .map(|k| keys::format_public(&k.public()))
+            .unwrap_or_default(),
+        wireguard_port: if wg {
+            u32::from(ident.wireguard_port)
+        } else {
+            0
+        },
+        underlay_ip: if wg {
+            ident.underlay_ip.to_string()
+        } else {
+            String::new()
+        },
+        mtu: e.mtu,
+        counters: Some(counters.unwrap_or_default()),
+        error,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::CrossConnectEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Forwarder for ForwarderService {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::ForwarderInfo>, Status> {
+        let i = &self.shared.identity;
+        Ok(Response::new(pb::ForwarderInfo {
+            name: i.name.clone(),
+            underlay_ip: i.underlay_ip.to_string(),
+            wireguard_port: u32::from(i.wireguard_port),
+            underlay_mtu: i.underlay_mtu,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn program(
+        &self,
+        request: Request<pb::CrossConnect>,
+    ) -> Result<Response<pb::CrossConnectStatus>, Status> {
+        let req = request.into_inner();
+        let id = req.id.clone();
+        match self.program_inner(req).await {
+            Ok(st) => Ok(Response::new(st)),
+            Err(e) => {
+                tracing::warn!(xconn = %id, code = ?e.code, error = %e.message, "program refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn remove(&self, request: Request<pb::RemoveRequest>) -> Result<Response<()>, Status> {
+        self.remove_id(&request.into_inner().id).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let reg = self.shared.registry.lock().await;
+        let cross_connects = self.statuses(&reg, &[]).await;
+        Ok(Response::new(pb::ListResponse { cross_connects }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let interval_ms = request.into_inner().counters_interval_ms;
+        let (tx, rx) = mpsc::channel(64);
+        // Subscribe before the snapshot is taken (under the registry lock),
+        // so no change falls between the two.
+        let (mut events, snapshot) = {
+            let reg = self.shared.registry.lock().await;
+            let events = self.shared.events.subscribe();
+            (events, self.statuses(&reg, &[]).await)
+        };
+        let svc = self.clone();
+        let mut shutdown = self.shared.shutdown.subscribe();
+        tokio::spawn(async move {
+            let first = pb::CrossConnectEvent {
+                r#type: pb::cross_connect_event::Type::Snapshot as i32,
+                cross_connects: snapshot,
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let period = (interval_ms > 0)
+                .then(|| Duration::from_millis(u64::from(interval_ms)).max(MIN_COUNTERS_INTERVAL));
+            let mut ticker = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                let ev = tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = shutdown.changed() => return,
+                    ev = events.recv() => match ev {
+                        Ok(ev) => ev,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            // Too slow a reader: resynchronise with a snapshot.
+                            let reg = svc.shared.registry.lock().await;
+                            pb::CrossConnectEvent {
+                                r#type: pb::cross_connect_event::Type::Snapshot as i32,
+                                cross_connects: svc.statuses(&reg, &[]).await,
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = ticker.tick(), if period.is_some() => {
+                        let reg = svc.shared.registry.lock().await;
+                        let all = svc.statuses(&reg, &[]).await;
+                        drop(reg);
+                        if all.is_empty() {
+                            continue;
+                        }
+                        pb::CrossConnectEvent {
+                            r#type: pb::cross_connect_event::Type::Update as i32,
+                            cross_connects: all,
+                        }
+                    }
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

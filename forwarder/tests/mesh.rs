@@ -1,0 +1,859 @@
+//! Root integration tests: real `nsm-forwarder` processes in node
+//! namespaces, programmed over gRPC the way nsm-manager does, carrying
+//! real traffic between pod namespaces.
+
+#![forbid(unsafe_code)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nsm_proto::forwarder::v1 as pb;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket addr")
+}
+
+/// Pod A (node A) <-> pod B (node B) over WireGuard: IPv4 and IPv6 ping,
+/// TCP and UDP both ways, and the underlay sees only WireGuard.
+#[test]
+fn cross_node_traffic_is_wireguard_only_on_the_wire() {
+    require_root();
+    let (na, nb) = two_nodes();
+    let (pa, pb_) = (Netns::new(), Netns::new());
+    let fa = Forwarder::start(&na, "node-a", "192.0.2.1", &[]);
+    let fb = Forwarder::start(&nb, "node-b", "192.0.2.2", &[]);
+    let rt = current_thread_rt();
+    rt.block_on(async {
+        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
+        let info = ca
+            .info(pb::InfoRequest {})
+            .await
+            .expect("info")
+            .into_inner();
+        assert_eq!(info.underlay_ip, "192.0.2.1");
+        assert_eq!(info.wireguard_port, 51820);
+        assert_eq!(info.underlay_mtu, 1500, "detected from eth0");
+        let (sa_, sb) = connect_pair(
+            &mut ca,
+            &mut cb,
+            "conn-1",
+            kernel(
+                &pa,
+                "nsm-1",
+                &["198.51.100.1/32", "2001:db8:1::1/128"],
+                &["198.51.100.2/32", "2001:db8:1::2/128"],
+            ),
+            kernel(
+                &pb_,
+                "nsm-1",
+                &["198.51.100.2/32", "2001:db8:1::2/128"],
+                &["198.51.100.1/32", "2001:db8:1::1/128"],
+            ),
+        )
+        .await;
+        assert_eq!(sa_.mtu, 1440, "1500 - 60 for an IPv4 underlay");
+        assert_eq!(sb.mtu, 1440);
+        assert_eq!(sa_.underlay_ip, "192.0.2.1");
+        assert_eq!(sa_.wireguard_port, 51820);
+    });
+    assert!(pa.has_link("nsm-1") && pb_.has_link("nsm-1"));
+    assert!(pa.ip(&["link", "show", "nsm-1"]).contains("mtu 1440"));
+
+    let cap = Capture::start(&na, "eth0");
+    assert!(
+        pa.ping(ip("198.51.100.2"), WAIT),
+        "IPv4 ping A -> B\n{}",
+        fa.log_text()
+    );
+    assert!(pb_.ping(ip("198.51.100.1"), WAIT), "IPv4 ping B -> A");
+    assert!(pa.ping(ip("2001:db8:1::2"), WAIT), "IPv6 ping A -> B");
+    assert!(pb_.ping(ip("2001:db8:1::1"), WAIT), "IPv6 ping B -> A");
+
+    // TCP: 1 MiB of a recognisable pattern from A to B, echoed back.
+    const MARK: &[u8] = b"nsm-plaintext-marker-";
+    let listener = pb_.tcp_listen(sa("198.51.100.2:7000"));
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = vec![0; 1 << 20];
+        s.read_exact(&mut buf).expect("server read");
+        s.write_all(&buf).expect("server write");
+    });
+    let mut c = pa.tcp_connect(sa("198.51.100.2:7000"));
+    c.set_read_timeout(Some(WAIT)).expect("timeout");
+    let data: Vec<u8> = MARK.iter().copied().cycle().take(1 << 20).collect();
+    c.write_all(&data).expect("client write");
+    let mut back = vec![0; data.len()];
+    c.read_exact(&mut back).expect("client read");
+    assert!(back == data, "TCP echo over IPv4 came back intact");
+    server.join().expect("server");
+
+    // TCP over IPv6 too (the offload paths differ per family).
+    let listener = pb_.tcp_listen(sa("[2001:db8:1::2]:7002"));
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = vec![0; 1 << 20];
+        s.read_exact(&mut buf).expect("server read");
+        s.write_all(&buf).expect("server write");
+    });
+    let mut c = pa.tcp_connect(sa("[2001:db8:1::2]:7002"));
+    c.set_read_timeout(Some(WAIT)).expect("timeout");
+    c.write_all(&data).expect("client write");
+    let mut back = vec![0; data.len()];
+    c.read_exact(&mut back).expect("client read");
+    assert!(back == data, "TCP echo over IPv6 came back intact");
+    server.join().expect("server");
+
+    // UDP over IPv6, both ways.
+    let ub = pb_.udp(sa("[2001:db8:1::2]:7001"));
+    let ua = pa.udp(sa("[2001:db8:1::1]:7001"));
+    ua.send_to(b"nsm-plaintext-marker-udp", sa("[2001:db8:1::2]:7001"))
+        .expect("send");
+    let mut buf = [0u8; 64];
+    let (n, from) = ub.recv_from(&mut buf).expect("UDP A -> B");
+    assert_eq!(&buf[..n], b"nsm-plaintext-marker-udp");
+    assert_eq!(from, sa("[2001:db8:1::1]:7001"));
+    ub.send_to(b"reply", from).expect("send back");
+    let (n, _) = ua.recv_from(&mut buf).expect("UDP B -> A");
+    assert_eq!(&buf[..n], b"reply");
+
+    let frames = cap.finish();
+    let mut wg_data = 0;
+    let mut wg_handshake = 0;
+    for f in &frames {
+        assert!(
+            !f.windows(MARK.len()).any(|w| w == MARK),
+            "pod plaintext seen on the underlay"
+        );
+        let ethertype = u16::from_be_bytes([f[12], f[13]]);
+        match ethertype {
+            0x0806 => {} // ARP between the nodes
+            0x0800 => {
+                let ihl = usize::from(f[14] & 0x0f) * 4;
+                assert_eq!(f[14 + 9], 17, "only UDP crosses the IPv4 underlay");
+                let udp = &f[14 + ihl..];
+                let sport = u16::from_be_bytes([udp[0], udp[1]]);
+                let dport = u16::from_be_bytes([udp[2], udp[3]]);
+                assert!(sport == 51820 && dport == 51820, "UDP {sport} -> {dport}");
+                let payload = &udp[8..];
+                assert!(
+                    (1..=4).contains(&payload[0]) && payload[1..4] == [0, 0, 0],
+                    "payload is a WireGuard message"
+                );
+                if payload[0] == 4 {
+                    // With UDP GSO a captured frame may hold a whole run
+                    // of data messages: count bytes, not frames.
+                    wg_data += payload.len();
+                } else {
+                    wg_handshake += 1;
+                }
+            }
+            0x86dd => {
+                // Only the veth's own link-local ND/MLD (MLD reports come
+                // behind a hop-by-hop header): never the pods'.
+                assert!(
+                    matches!(f[14 + 6], 0 | 58),
+                    "IPv6 on the underlay is ICMPv6 of the link"
+                );
+                let src = &f[14 + 8..14 + 24];
+                assert!(
+                    src[0] == 0xfe || src.iter().all(|b| *b == 0),
+                    "link-local or unspecified source"
+                );
+            }
+            other => panic!("unexpected ethertype {other:#06x} on the underlay"),
+        }
+    }
+    assert!(
+        wg_data > 4 << 20,
+        "the 4 MiB of TCP went as WireGuard data ({wg_data} bytes)"
+    );
+    let _ = wg_handshake;
+
+    // Counters and state after traffic.
+    rt.block_on(async {
+        let mut ca = fa.client().await;
+        let list = ca
+            .list(pb::ListRequest {})
+            .await
+            .expect("list")
+            .into_inner();
+        let st = &list.cross_connects[0];
+        assert_eq!(
+            st.state,
+            pb::cross_connect_status::State::Up as i32,
+            "{st:?}"
+        );
+        let c = st.counters.as_ref().expect("counters");
+        assert!(c.rx_packets > 100 && c.tx_packets > 100, "{c:?}");
+        assert!(c.last_handshake_unix_ms > 0);
+    });
+}
+
+/// Two pods on the same node: no encryption, and Remove deletes both
+/// interfaces.
+#[test]
+fn same_node_cross_connect_and_remove() {
+    require_root();
+    let node = one_node();
+    let (p1, p2) = (Netns::new(), Netns::new());
+    let fw = Forwarder::start(&node, "node", "192.0.2.1", &["--underlay-mtu", "9000"]);
+    let rt = current_thread_rt();
+    rt.block_on(async {
+        let mut c = fw.client().await;
+        let st = c
+            .program(pb::CrossConnect {
+                id: "local".into(),
+                source: Some(kernel(
+                    &p1,
+                    "nsm-a",
+                    &["203.0.113.1/24", "2001:db8:2::1/64"],
+                    &[],
+                )),
+                destination: Some(kernel(
+                    &p2,
+                    "nsm-b",
+                    &["203.0.113.2/24", "2001:db8:2::2/64"],
+                    &[],
+                )),
+            })
+            .await
+            .expect("program")
+            .into_inner();
+        assert_eq!(st.state, pb::cross_connect_status::State::Up as i32);
+        assert!(
+            st.wireguard_public_key.is_empty(),
+            "no key without a wireguard side"
+        );
+        assert_eq!(st.mtu, 8940, "9000 - 60");
+    });
+    assert!(p1.ping(ip("203.0.113.2"), WAIT), "{}", fw.log_text());
+    assert!(p2.ping(ip("2001:db8:2::1"), WAIT));
+    let l = p2.tcp_listen(sa("203.0.113.2:7000"));
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).expect("read");
+        b
+    });
+    p1.tcp_connect(sa("203.0.113.2:7000"))
+        .write_all(b"hello")
+        .expect("write");
+    assert_eq!(&t.join().expect("server"), b"hello");
+
+    rt.block_on(async {
+        let mut c = fw.client().await;
+        c.remove(pb::RemoveRequest { id: "local".into() })
+            .await
+            .expect("remove");
+        c.remove(pb::RemoveRequest { id: "local".into() })
+            .await
+            .expect("removing an unknown id succeeds");
+        let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+        assert!(list.cross_connects.is_empty());
+    });
+    assert!(!p1.has_link("nsm-a"), "Remove deleted the interface");
+    assert!(!p2.has_link("nsm-b"));
+}
+
+/// Refusals carry the right code and a useful message, and leave nothing
+/// behind; the same Program twice gives the same result.
+#[test]
+fn bad_requests_and_idempotence() {
+    require_root();
+    let node = one_node();
+    let (p1, p2) = (Netns::new(), Netns::new());
+    let fw = Forwarder::start(&node, "node", "192.0.2.1", &[]);
+    let rt = current_thread_rt();
+    rt.block_on(async {
+        let mut c = fw.client().await;
+        let good = pb::CrossConnect {
+            id: "x1".into(),
+            source: Some(kernel(
+                &p1,
+                "nsm-0",
+                &["198.51.100.1/32"],
+                &["198.51.100.2/32"],
+            )),
+            destination: Some(wireguard("192.0.2.2", "")),
+        };
+        let s1 = c.program(good.clone()).await.expect("program").into_inner();
+        assert_eq!(s1.state, pb::cross_connect_status::State::Pending as i32);
+        let idx1 = p1.ip(&["-o", "link", "show", "nsm-0"]);
+        let s2 = c
+            .program(good.clone())
+            .await
+            .expect("program again")
+            .into_inner();
+        assert_eq!(s1, s2, "same request, same result");
+        assert_eq!(
+            idx1,
+            p1.ip(&["-o", "link", "show", "nsm-0"]),
+            "same interface"
+        );
+        // The alias marks it as ours.
+        assert!(
+            p1.ip(&["link", "show", "nsm-0"])
+                .contains("alias nsm-rs:x1")
+        );
+
+        let before1 = p1.links();
+        let before2 = p2.links();
+        let mut cases: Vec<(pb::CrossConnect, tonic::Code, &str)> = Vec::new();
+        let mut bad = |f: &dyn Fn(&mut pb::CrossConnect), code, needle| {
+            let mut r = pb::CrossConnect {
+                id: "bad".into(),
+                source: Some(kernel(&p2, "nsm-9", &["198.51.100.9/32"], &[])),
+                destination: Some(wireguard("192.0.2.2", "")),
+            };
+            f(&mut r);
+            cases.push((r, code, needle));
+        };
+        let set_kernel = |r: &mut pb::CrossConnect, g: &dyn Fn(&mut pb::KernelInterface)| {
+            if let Some(pb::side::Kind::Kernel(k)) = r.source.as_mut().and_then(|s| s.kind.as_mut())
+            {
+                g(k);
+            }
+        };
+        bad(
+            &|r| {
+                set_kernel(r, &|k| {
+                    k.netns_path = "/run/netns/nsmfw-does-not-exist".into()
+                })
+            },
+            tonic::Code::NotFound,
+            "netns_path",
+        );
+        bad(
+            &|r| set_kernel(r, &|k| k.name = "sixteen-chars-xx".into()),
+            tonic::Code::InvalidArgument,
+            "15",
+        );
+        bad(
+            &|r| set_kernel(r, &|k| k.name = "a/b".into()),
+            tonic::Code::InvalidArgument,
+            "'/'",
+        );
+        bad(
+            &|r| set_kernel(r, &|k| k.addresses = vec!["198.51.100.300/24".into()]),
+            tonic::Code::InvalidArgument,
+            "CIDR",
+        );
+        bad(
+            &|r| r.destination = Some(wireguard("192.0.2.2", "not-base64!")),
+            tonic::Code::InvalidArgument,
+            "peer_public_key",
+        );
+        bad(
+            &|r| r.destination = Some(wireguard("192.0.2.2", "AAAA")),
+            tonic::Code::InvalidArgument,
+            "32",
+        );
+        // Same name in the same netns as x1's interface.
+        bad(
+            &|r| {
+                set_kernel(r, &|k| {
+                    k.netns_path = format!("/run/netns/{}", p1.name);
+                    k.name = "nsm-0".into();
+                })
+            },
+            tonic::Code::AlreadyExists,
+            "x1",
+        );
+        // A next hop of the other family than its prefix.
+        bad(
+            &|r| {
+                set_kernel(r, &|k| {
+                    k.routes = vec![pb::Route {
+                        prefix: "203.0.113.0/24".into(),
+                        next_hop: "2001:db8::1".into(),
+                    }]
+                })
+            },
+            tonic::Code::InvalidArgument,
+            "families",
+        );
+        for (req, code, needle) in cases {
+            let e = c.program(req.clone()).await.expect_err("refused");
+            assert_eq!(e.code(), code, "{req:?}: {e:?}");
+            assert!(
+                e.message().contains(needle),
+                "{:?} should mention {needle}",
+                e.message()
+            );
+        }
+        // A failure in the kernel, after the device was made: an
+        // unreachable gateway makes the route add fail.
+        let e = c
+            .program(pb::CrossConnect {
+                id: "late-fail".into(),
+                source: Some(pb::Side {
+                    kind: Some(pb::side::Kind::Kernel(pb::KernelInterface {
+                        netns_path: p2.path(),
+                        name: "nsm-late".into(),
+                        addresses: vec!["198.51.100.9/32".into()],
+                        routes: vec![pb::Route {
+                            prefix: "203.0.113.0/24".into(),
+                            next_hop: "192.0.2.99".into(),
+                        }],
+                        ..Default::default()
+                    })),
+                }),
+                destination: Some(wireguard("192.0.2.2", "")),
+            })
+            .await
+            .expect_err("refused by the kernel");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("route"), "{}", e.message());
+
+        assert_eq!(p1.links(), before1, "nothing left in pod 1");
+        assert_eq!(p2.links(), before2, "nothing left in pod 2");
+        let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+        assert_eq!(list.cross_connects.len(), 1, "only x1");
+    });
+}
+
+/// The Watch stream: snapshot first, then updates and deletes.
+#[test]
+fn watch_reports_snapshot_updates_and_deletes() {
+    require_root();
+    let node = one_node();
+    let p1 = Netns::new();
+    let fw = Forwarder::start(&node, "node", "192.0.2.1", &[]);
+    current_thread_rt().block_on(async {
+        let mut c = fw.client().await;
+        let mut w = c
+            .watch(pb::WatchRequest {
+                counters_interval_ms: 200,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = w.message().await.expect("stream").expect("event");
+        assert_eq!(first.r#type, pb::cross_connect_event::Type::Snapshot as i32);
+        assert!(first.cross_connects.is_empty());
+        c.program(pb::CrossConnect {
+            id: "w1".into(),
+            source: Some(kernel(&p1, "nsm-w", &["198.51.100.1/32"], &[])),
+            destination: Some(wireguard("192.0.2.2", "")),
+        })
+        .await
+        .expect("program");
+        let ev = w.message().await.expect("stream").expect("event");
+        assert_eq!(ev.r#type, pb::cross_connect_event::Type::Update as i32);
+        assert_eq!(ev.cross_connects[0].id, "w1");
+        // A periodic counters update follows.
+        let ev = tokio::time::timeout(Duration::from_secs(2), w.message())
+            .await
+            .expect("periodic update")
+            .expect("stream")
+            .expect("event");
+        assert_eq!(ev.r#type, pb::cross_connect_event::Type::Update as i32);
+        c.remove(pb::RemoveRequest { id: "w1".into() })
+            .await
+            .expect("remove");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let ev = w.message().await.expect("stream").expect("event");
+            if ev.r#type == pb::cross_connect_event::Type::Delete as i32 {
+                assert_eq!(ev.cross_connects[0].id, "w1");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no DELETE event");
+        }
+    });
+}
+
+/// SIGTERM removes every interface; so does SIGKILL (the kernel deletes
+/// non-persistent TUN/TAP devices with their last fd), and a restarted
+/// forwarder comes up empty.
+#[test]
+fn interfaces_die_with_the_forwarder() {
+    require_root();
+    let node = one_node();
+    let (p1, p2) = (Netns::new(), Netns::new());
+    let program = |fw: &Forwarder, id: &str, name: &str| {
+        current_thread_rt().block_on(async {
+            let mut c = fw.client().await;
+            c.program(pb::CrossConnect {
+                id: id.into(),
+                source: Some(kernel(&p1, name, &["198.51.100.1/32"], &[])),
+                destination: Some(kernel(&p2, name, &["198.51.100.2/32"], &[])),
+            })
+            .await
+            .expect("program");
+        })
+    };
+    let mut fw = Forwarder::start(&node, "node", "192.0.2.1", &[]);
+    program(&fw, "t1", "nsm-t");
+    assert!(p1.has_link("nsm-t") && p2.has_link("nsm-t"));
+    assert!(
+        fw.terminate().success(),
+        "clean exit on SIGTERM: {}",
+        fw.log_text()
+    );
+    assert!(
+        !p1.has_link("nsm-t") && !p2.has_link("nsm-t"),
+        "SIGTERM removed them"
+    );
+
+    let mut fw = Forwarder::start(&node, "node", "192.0.2.1", &[]);
+    program(&fw, "t2", "nsm-k");
+    assert!(p1.has_link("nsm-k"));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(fw.pid()).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = fw.terminate();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p1.has_link("nsm-k") || p2.has_link("nsm-k") {
+        assert!(
+            Instant::now() < deadline,
+            "devices outlived a killed forwarder"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let fw = Forwarder::start(&node, "node", "192.0.2.1", &[]);
+    current_thread_rt().block_on(async {
+        let mut c = fw.client().await;
+        let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+        assert!(
+            list.cross_connects.is_empty(),
+            "a restarted forwarder is empty"
+        );
+    });
+}
+
+/// 100 connections between the same two nodes at once, two of them with
+/// the same pod addresses (in different pods): each packet reaches only
+/// its own connection's pod.
+#[test]
+fn hundred_connections_without_crosstalk() {
+    require_root();
+    let start = Instant::now();
+    let (na, nb) = two_nodes();
+    // 98 connections between one pod pair; the two overlapping ones each
+    // get a pod pair of their own.
+    let (pa, pb_) = (Netns::new(), Netns::new());
+    let (pc, pd) = (Netns::new(), Netns::new());
+    let (pe, pf) = (Netns::new(), Netns::new());
+    let fa = Forwarder::start(&na, "node-a", "192.0.2.1", &[]);
+    let fb = Forwarder::start(&nb, "node-b", "192.0.2.2", &[]);
+    const N: usize = 98;
+    current_thread_rt().block_on(async {
+        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
+        for i in 0..N {
+            let (a4, b4) = (
+                format!("198.51.100.{}", i + 1),
+                format!("203.0.113.{}", i + 1),
+            );
+            connect_pair(
+                &mut ca,
+                &mut cb,
+                &format!("many-{i}"),
+                kernel(
+                    &pa,
+                    &format!("nsm-{i}"),
+                    &[&format!("{a4}/32")],
+                    &[&format!("{b4}/32")],
+                ),
+                kernel(
+                    &pb_,
+                    &format!("nsm-{i}"),
+                    &[&format!("{b4}/32")],
+                    &[&format!("{a4}/32")],
+                ),
+            )
+            .await;
+        }
+        for (id, a, b) in [("dup-1", &pc, &pd), ("dup-2", &pe, &pf)] {
+            connect_pair(
+                &mut ca,
+                &mut cb,
+                id,
+                kernel(a, "nsm-dup", &["198.51.100.250/32"], &["203.0.113.250/32"]),
+                kernel(b, "nsm-dup", &["203.0.113.250/32"], &["198.51.100.250/32"]),
+            )
+            .await;
+        }
+        let list = ca
+            .list(pb::ListRequest {})
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(list.cross_connects.len(), N + 2);
+    });
+    eprintln!("programmed {} connections in {:?}", N + 2, start.elapsed());
+
+    // One datagram per connection, each to its own socket.
+    let receivers: Vec<_> = (0..N)
+        .map(|i| pb_.udp(sa(&format!("203.0.113.{}:9000", i + 1))))
+        .collect();
+    let senders: Vec<_> = (0..N)
+        .map(|i| pa.udp(sa(&format!("198.51.100.{}:9000", i + 1))))
+        .collect();
+    let rd = pd.udp(sa("203.0.113.250:9000"));
+    let rf = pf.udp(sa("203.0.113.250:9000"));
+    let sc = pc.udp(sa("198.51.100.250:9000"));
+    let se = pe.udp(sa("198.51.100.250:9000"));
+    // The first packet of each session waits for its handshake; resend
+    // until everything arrived.
+    let mut got = [false; N];
+    let (mut got_d, mut got_f) = (false, false);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 64];
+    while !(got.iter().all(|g| *g) && got_d && got_f) {
+        assert!(
+            Instant::now() < deadline,
+            "missing: {:?}",
+            got.iter().filter(|g| !**g).count()
+        );
+        for i in 0..N {
+            if !got[i] {
+                let _ = senders[i].send_to(
+                    format!("conn-{i}").as_bytes(),
+                    sa(&format!("203.0.113.{}:9000", i + 1)),
+                );
+            }
+        }
+        let _ = sc.send_to(b"from-c", sa("203.0.113.250:9000"));
+        let _ = se.send_to(b"from-e", sa("203.0.113.250:9000"));
+        std::thread::sleep(Duration::from_millis(200));
+        for (i, r) in receivers.iter().enumerate() {
+            r.set_nonblocking(true).expect("nonblocking");
+            while let Ok((n, from)) = r.recv_from(&mut buf) {
+                assert_eq!(
+                    &buf[..n],
+                    format!("conn-{i}").as_bytes(),
+                    "delivered to the wrong connection"
+                );
+                assert_eq!(from, sa(&format!("198.51.100.{}:9000", i + 1)));
+                got[i] = true;
+            }
+        }
+        for (r, want, flag) in [(&rd, b"from-c", &mut got_d), (&rf, b"from-e", &mut got_f)] {
+            r.set_nonblocking(true).expect("nonblocking");
+            while let Ok((n, _)) = r.recv_from(&mut buf) {
+                assert_eq!(&buf[..n], want, "overlapping connections crossed");
+                *flag = true;
+            }
+        }
+    }
+    eprintln!(
+        "all {} connections carried traffic after {:?}",
+        N + 2,
+        start.elapsed()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+/// A TAP (Ethernet payload) cross-connect on one node: the data plane
+/// answers ARP/ND for the peer, and IP crosses.
+#[test]
+fn same_node_ethernet_payload() {
+    require_root();
+    let node = one_node();
+    let (p1, p2) = (Netns::new(), Netns::new());
+    let fw = Forwarder::start(&node, "node", "192.0.2.1", &[]);
+    let tap = |pod: &Netns, name: &str, addrs: &[&str], mac: &str| pb::Side {
+        kind: Some(pb::side::Kind::Kernel(pb::KernelInterface {
+            netns_path: pod.path(),
+            name: name.into(),
+            payload: pb::Payload::Ethernet as i32,
+            addresses: addrs.iter().map(|s| s.to_string()).collect(),
+            mac: mac.into(),
+            ..Default::default()
+        })),
+    };
+    current_thread_rt().block_on(async {
+        let mut c = fw.client().await;
+        c.program(pb::CrossConnect {
+            id: "eth".into(),
+            source: Some(tap(
+                &p1,
+                "nsm-e",
+                &["203.0.113.1/24", "2001:db8:3::1/64"],
+                "02:fe:00:00:00:01",
+            )),
+            destination: Some(tap(
+                &p2,
+                "nsm-e",
+                &["203.0.113.2/24", "2001:db8:3::2/64"],
+                "02:fe:00:00:00:02",
+            )),
+        })
+        .await
+        .expect("program");
+    });
+    let link = p1.ip(&["link", "show", "nsm-e"]);
+    assert!(link.contains("link/ether 02:fe:00:00:00:01"), "{link}");
+    assert!(
+        p1.ping(ip("203.0.113.2"), WAIT),
+        "IPv4 over TAP: {}",
+        fw.log_text()
+    );
+    assert!(p2.ping(ip("2001:db8:3::1"), WAIT), "IPv6 over TAP");
+}
+
+/// A pod namespace deleted under a live cross-connect: the device dies,
+/// the connection reports DOWN, and Remove still succeeds.
+#[test]
+fn pod_namespace_or_interface_gone_reports_down() {
+    require_root();
+    let node = one_node();
+    let p1 = Netns::new();
+    let p2 = Netns::new();
+    let fw = Forwarder::start(&node, "node", "192.0.2.1", &[]);
+    let rt = current_thread_rt();
+    rt.block_on(async {
+        let mut c = fw.client().await;
+        c.program(pb::CrossConnect {
+            id: "gone".into(),
+            source: Some(kernel(&p1, "nsm-g", &["198.51.100.1/24"], &[])),
+            destination: Some(kernel(&p2, "nsm-g", &["198.51.100.2/24"], &[])),
+        })
+        .await
+        .expect("program");
+    });
+    drop(p2);
+    let deadline = Instant::now() + WAIT;
+    rt.block_on(async {
+        let mut c = fw.client().await;
+        loop {
+            // Traffic towards the dead side makes the worker notice.
+            let _ = p1.ping(ip("198.51.100.2"), Duration::from_millis(10));
+            let l = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+            if l.cross_connects[0].state == pb::cross_connect_status::State::Down as i32 {
+                assert!(!l.cross_connects[0].error.is_empty());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never reported DOWN: {:?}",
+                l.cross_connects[0]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.remove(pb::RemoveRequest { id: "gone".into() })
+            .await
+            .expect("remove");
+    });
+    assert!(!p1.has_link("nsm-g"));
+
+    // An interface deleted from inside the pod: the worker sees its fd
+    // fail, stops polling it (no busy loop), and reports DOWN.
+    let p3 = Netns::new();
+    rt.block_on(async {
+        let mut c = fw.client().await;
+        c.program(pb::CrossConnect {
+            id: "deleted".into(),
+            source: Some(kernel(&p1, "nsm-d", &["198.51.100.1/24"], &[])),
+            destination: Some(kernel(&p3, "nsm-d", &["198.51.100.2/24"], &[])),
+        })
+        .await
+        .expect("program");
+    });
+    p3.ip(&["link", "del", "nsm-d"]);
+    let deadline = Instant::now() + WAIT;
+    rt.block_on(async {
+        let mut c = fw.client().await;
+        loop {
+            let _ = p1.ping(ip("198.51.100.2"), Duration::from_millis(10));
+            let l = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+            if l.cross_connects[0].state == pb::cross_connect_status::State::Down as i32 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never reported DOWN: {:?}\n{}",
+                l.cross_connects[0],
+                fw.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.remove(pb::RemoveRequest {
+            id: "deleted".into(),
+        })
+        .await
+        .expect("remove");
+    });
+    assert!(!p1.has_link("nsm-d"));
+}
+
+/// An IPv6 underlay: WireGuard over IPv6 between the nodes, and the pod
+/// MTU derived with the 80-byte overhead.
+#[test]
+fn ipv6_underlay() {
+    require_root();
+    let (na, nb) = two_nodes_v6();
+    let (pa, pb_) = (Netns::new(), Netns::new());
+    let fa = Forwarder::start(&na, "node-a", "2001:db8:ffff::1", &[]);
+    let fb = Forwarder::start(&nb, "node-b", "2001:db8:ffff::2", &[]);
+    current_thread_rt().block_on(async {
+        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
+        let (sa_, _) = connect_pair_via(
+            &mut ca,
+            &mut cb,
+            ("2001:db8:ffff::1", "2001:db8:ffff::2"),
+            "v6",
+            kernel(&pa, "nsm-1", &["198.51.100.1/32"], &["198.51.100.2/32"]),
+            kernel(&pb_, "nsm-1", &["198.51.100.2/32"], &["198.51.100.1/32"]),
+        )
+        .await;
+        assert_eq!(sa_.mtu, 1420, "1500 - 80 for an IPv6 underlay");
+        assert_eq!(sa_.underlay_ip, "2001:db8:ffff::1");
+        // With no periodic counters, the handshake completing still shows
+        // as an UPDATE to UP (unless it was already UP when we looked).
+        let mut w = ca
+            .watch(pb::WatchRequest {
+                counters_interval_ms: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let snap = w.message().await.expect("stream").expect("snapshot");
+        let up = pb::cross_connect_status::State::Up as i32;
+        if snap.cross_connects[0].state != up {
+            let ev = tokio::time::timeout(Duration::from_secs(8), w.message())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no UPDATE when the session comes up\nA: {}\nB: {}",
+                        fa.log_text(),
+                        fb.log_text()
+                    )
+                })
+                .expect("stream")
+                .expect("event");
+            assert_eq!(ev.r#type, pb::cross_connect_event::Type::Update as i32);
+            assert_eq!(ev.cross_connects[0].state, up, "{ev:?}");
+        }
+    });
+    assert!(pa.ping(ip("198.51.100.2"), WAIT), "{}", fa.log_text());
+    let l = pb_.tcp_listen(sa("198.51.100.2:7000"));
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let mut b = vec![0u8; 256 << 10];
+        s.read_exact(&mut b).expect("read");
+        b
+    });
+    let data: Vec<u8> = (0..256u32 << 10).map(|i| (i % 253) as u8).collect();
+    pa.tcp_connect(sa("198.51.100.2:7000"))
+        .write_all(&data)
+        .expect("write");
+    assert!(t.join().expect("server") == data);
+}
