@@ -224,10 +224,11 @@ impl<T: Serialize + DeserializeOwned + Clone> Table<T> {
             }
             let (bytes, covered) = {
                 let rows = self.lock();
-                let bytes = serde_json::to_vec_pretty(&rows.map).map_err(|e| StoreError::Corrupt {
-                    path: path.display().to_string(),
-                    message: e.to_string(),
-                })?;
+                let bytes =
+                    serde_json::to_vec_pretty(&rows.map).map_err(|e| StoreError::Corrupt {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
                 (bytes, rows.generation)
             };
             write_atomically(path, &bytes)?;

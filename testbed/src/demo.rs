@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use crate::lab::{Lab, LabError, Options};
 use crate::topology::Topology;
 
+/// The demo lab's name (the `name` of [`TOPOLOGY`]).
+pub const LAB_NAME: &str = "demo";
+
 /// The demo topology (also in `testbed/topologies/demo.yaml`).
 pub const TOPOLOGY: &str = include_str!("../topologies/demo.yaml");
 
@@ -183,6 +186,7 @@ mod tests {
 
     #[test]
     fn demo_topology_is_valid() {
-        Topology::parse(TOPOLOGY).expect("the shipped demo topology parses");
+        let t = Topology::parse(TOPOLOGY).expect("the shipped demo topology parses");
+        assert_eq!(t.name, LAB_NAME);
     }
 }

@@ -23,6 +23,24 @@ use crate::mesh::{self, RequestedConnection};
 use crate::sys::{self, CmdError, ip, ip_in, sysctl_in};
 use crate::topology::{Plan, Topology, TopologyError};
 
+/// Set when the user interrupts `up` (see [`interrupt`]).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks a running [`Lab::up`] to stop at its next step; the lab then fails
+/// with [`LabError::Interrupted`] and removes what it made, like any failure.
+/// For signal handlers: it only sets a flag.
+pub fn interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn check_interrupt(lab: &str) -> Result<(), LabError> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        Err(LabError::Interrupted(lab.to_string()))
+    } else {
+        Ok(())
+    }
+}
+
 /// The prefix of every namespace the testbed makes.
 pub const NETNS_PREFIX: &str = "nsmtb_";
 /// The underlay bridge inside the underlay namespace.
@@ -94,6 +112,9 @@ pub enum LabError {
         /// Where the logs are.
         logs: PathBuf,
     },
+    /// `up` was interrupted by the user; what it made was removed.
+    #[error("lab `{0}`: interrupted; everything made so far was removed")]
+    Interrupted(String),
     /// A pod's connection request failed.
     #[error("lab `{lab}`: pod {pod}: request for {service} failed: {detail}")]
     Request {
@@ -446,6 +467,7 @@ impl Lab {
             .chain(self.plan.pods.iter().map(|p| p.name.clone()))
             .collect();
         for m in &members {
+            check_interrupt(&self.topology.name)?;
             let ns = netns_name(&lab, Some(m));
             ip(["netns", "add", &ns]).map_err(self.step(format!("{m}: namespace")))?;
             ip_in(&ns, &["link", "set", "lo", "up"])
@@ -473,6 +495,7 @@ impl Lab {
         let v4_len = self.topology.underlay.cidr.prefix_len();
         let v6_len = self.topology.underlay.cidr6.prefix_len();
         for (i, node) in self.plan.nodes.clone().iter().enumerate() {
+            check_interrupt(&self.topology.name)?;
             let ns = netns_name(&lab, Some(&node.name));
             let port = format!("n{i}");
             let s = |what: &str| format!("node {}: {what}", node.name);
@@ -535,6 +558,7 @@ impl Lab {
         }
         // Every node routes every other node's pods over the underlay.
         for node in &self.plan.nodes {
+            check_interrupt(&self.topology.name)?;
             let ns = netns_name(&lab, Some(&node.name));
             for other in self.plan.nodes.iter().filter(|o| o.name != node.name) {
                 ip_in(
@@ -553,6 +577,10 @@ impl Lab {
 
         self.progress("attaching pods");
         for (j, pod) in self.plan.pods.clone().iter().enumerate() {
+            check_interrupt(&self.topology.name)?;
+            if !pod.primary {
+                continue;
+            }
             let ns = netns_name(&lab, Some(&pod.name));
             let node_ns = netns_name(&lab, Some(&pod.node));
             let gateway = self
@@ -624,6 +652,7 @@ impl Lab {
         // Forwarders first: a manager programs its forwarder as soon as it starts.
         if let Some(path) = found.get("nsm-forwarder") {
             for node in self.plan.nodes.clone() {
+                check_interrupt(&self.topology.name)?;
                 self.progress(&format!("{}: starting nsm-forwarder", node.name));
                 let args = self.forwarder_args(&node.name);
                 self.spawn(&node.name, "nsm-forwarder", path.as_os_str(), &args)?;
@@ -635,6 +664,7 @@ impl Lab {
         if let Some(path) = found.get("nsm-manager") {
             self.write_manager_config()?;
             for node in self.plan.nodes.clone() {
+                check_interrupt(&self.topology.name)?;
                 self.progress(&format!("{}: starting nsm-manager", node.name));
                 let args = self.manager_args(&node.name);
                 self.spawn(&node.name, "nsm-manager", path.as_os_str(), &args)?;
@@ -643,6 +673,7 @@ impl Lab {
         }
         if let (Some(path), true) = (found.get("nsm-endpoint"), found.contains_key("nsm-manager")) {
             for e in self.topology.endpoints.clone() {
+                check_interrupt(&self.topology.name)?;
                 self.progress(&format!(
                     "{}: starting nsm-endpoint for {}",
                     e.name, e.service
@@ -666,6 +697,7 @@ impl Lab {
             )
             .collect();
         for (member, run) in runs {
+            check_interrupt(&self.topology.name)?;
             self.progress(&format!("{member}: starting `{run}`"));
             self.spawn(&member, "run", "sh".as_ref(), &["-c".to_string(), run])?;
         }
@@ -727,6 +759,7 @@ impl Lab {
             let requests =
                 nsm_proto::annotation::parse(value).expect("validated with the topology");
             for (i, r) in requests.into_iter().enumerate() {
+                check_interrupt(&self.topology.name)?;
                 let interface = r.interface.unwrap_or_else(|| format!("nsm-{}", i + 1));
                 let req = RequestedConnection {
                     id: format!("{lab}-{}-{interface}", pod.name),
@@ -1016,7 +1049,12 @@ impl Lab {
                 name: p.name.clone(),
                 node: p.node.clone(),
                 netns: netns_name(lab, Some(&p.name)),
-                ip: p.ip.to_string(),
+                // A `cni: true` pod's addresses are the CNI plugin's.
+                ip: if p.primary {
+                    p.ip.to_string()
+                } else {
+                    String::new()
+                },
                 endpoint: p.endpoint,
             })
             .collect();

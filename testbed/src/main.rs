@@ -102,6 +102,8 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("nsm-testbed: {e}");
             ExitCode::from(match e {
+                CliError::Lab(LabError::Interrupted(_))
+                | CliError::Demo(demo::DemoError::Lab(LabError::Interrupted(_))) => 130,
                 CliError::Lab(LabError::Topology(_))
                 | CliError::Demo(demo::DemoError::Lab(LabError::Topology(_))) => EXIT_USAGE,
                 _ => 1,
@@ -143,6 +145,7 @@ fn run(cmd: Cmd, opts: &Options) -> Result<ExitCode, CliError> {
                 mesh: !no_mesh,
                 ..opts.clone()
             };
+            remove_on_signal(&topology.name)?;
             let lab = Lab::up(topology, &opts)?;
             print_status(&lab.status());
             lab.detach();
@@ -195,6 +198,7 @@ fn run(cmd: Cmd, opts: &Options) -> Result<ExitCode, CliError> {
             }
         }
         Cmd::Demo => {
+            remove_on_signal(demo::LAB_NAME)?;
             let mut out = std::io::stdout();
             let r = demo::run(opts, &mut out)?;
             let _ = writeln!(
@@ -207,6 +211,34 @@ fn run(cmd: Cmd, opts: &Options) -> Result<ExitCode, CliError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// While a lab is being built (or the demo runs), SIGINT, SIGTERM and SIGHUP
+/// stop it cleanly instead of leaving half of it behind: the signals are
+/// blocked on every thread and a watcher thread waits for them and asks the
+/// build to stop ([`lab::interrupt`]); the build fails at its next step and
+/// removes what it made, as on any failure, and the process exits with 130.
+/// Children start with an empty signal mask (std resets it), so the mesh
+/// programs still get SIGTERM from teardown.
+fn remove_on_signal(lab: &str) -> Result<(), CliError> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set.thread_block().map_err(|e| LabError::Io {
+        lab: lab.to_string(),
+        path: PathBuf::from("sigprocmask"),
+        source: e.into(),
+    })?;
+    let lab = lab.to_string();
+    std::thread::spawn(move || {
+        if let Ok(signal) = set.wait() {
+            eprintln!("nsm-testbed: {signal:?}: stopping and removing lab {lab}");
+            lab::interrupt();
+        }
+    });
+    Ok(())
 }
 
 /// `down` takes a lab name or a topology file (whose `name` it reads).

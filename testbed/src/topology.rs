@@ -163,6 +163,10 @@ pub struct Pod {
     /// A shell command started in the pod at `up`.
     #[serde(default)]
     pub run: Option<String>,
+    /// `true`: the testbed makes the pod's namespace but no network in it; a
+    /// CNI plugin (run in the node's namespace, e.g. with cnitool) attaches it.
+    #[serde(default)]
+    pub cni: bool,
 }
 
 /// A service-chaining policy. The testbed checks its references; the
@@ -535,6 +539,8 @@ pub struct PodPlan {
     pub ip: Ipv4Addr,
     /// Whether the pod is an endpoint (from `endpoints:`).
     pub endpoint: bool,
+    /// Whether the testbed gives it its primary network (`false` for `cni: true` pods).
+    pub primary: bool,
 }
 
 impl Topology {
@@ -562,10 +568,10 @@ impl Topology {
         let members = self
             .endpoints
             .iter()
-            .map(|e| (&e.name, &e.node, true))
-            .chain(self.pods.iter().map(|p| (&p.name, &p.node, false)));
+            .map(|e| (&e.name, &e.node, true, true))
+            .chain(self.pods.iter().map(|p| (&p.name, &p.node, false, !p.cni)));
         let pods = members
-            .map(|(name, node, endpoint)| {
+            .map(|(name, node, endpoint, primary)| {
                 let n = nodes
                     .iter()
                     .find(|n| &n.name == node)
@@ -578,6 +584,7 @@ impl Topology {
                     node: node.clone(),
                     ip,
                     endpoint,
+                    primary,
                 }
             })
             .collect();
@@ -600,7 +607,7 @@ impl Plan {
             .or_else(|| {
                 self.pods
                     .iter()
-                    .find(|p| p.name == name)
+                    .find(|p| p.name == name && p.primary)
                     .map(|p| IpAddr::V4(p.ip))
             })
     }

@@ -399,3 +399,68 @@ fn bad_topology_files_exit_2_with_one_line_and_create_nothing() {
         assert!(!state.join(&name).exists(), "{what}: no state");
     }
 }
+
+#[test]
+fn a_signal_during_up_removes_the_half_built_lab() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let name = unique_lab_name("tsig");
+    let marker = marker();
+    let links_before = root_links();
+    // Enough pods that `up` is still building when the signal arrives.
+    let pods: String = (0..60)
+        .map(|i| {
+            format!(
+                "  - {{name: p{i}, node: n{}, run: 'sleep {marker}'}}\n",
+                i % 3
+            )
+        })
+        .collect();
+    let file = dir.path().join("lab.yaml");
+    std::fs::write(
+        &file,
+        format!("name: {name}\nnodes: [{{name: n0}}, {{name: n1}}, {{name: n2}}]\npods:\n{pods}"),
+    )
+    .unwrap();
+    // Whatever happens below, nothing of this lab outlives the test.
+    struct Guard<'a>(&'a str, &'a Path);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            let _ = lab::teardown(self.0, &opts(self.1));
+        }
+    }
+    let _guard = Guard(&name, &state);
+    let mut child = testbed(&state)
+        .args(["up", "--no-mesh"])
+        .arg(&file)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it has started making namespaces, then interrupt it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lab_namespaces(&name).len() < 5 {
+        assert!(std::time::Instant::now() < deadline, "up never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "up still running when signalled"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("stopping and removing lab"), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_gone(&name, &marker, &links_before, &state);
+}
