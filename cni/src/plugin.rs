@@ -338,7 +338,11 @@ fn append_interface(
     interfaces.push(json!({"name": ifname, "sandbox": netns.display().to_string()}));
     let index = interfaces.len() - 1;
     let ip = conn.context.as_ref().and_then(|c| c.ip_context.as_ref());
-    for addr in ip.map(|i| i.src_ip_addrs.as_slice()).unwrap_or_default() {
+    let addrs = match conf.report_addresses {
+        Some(false) => &[][..],
+        _ => ip.map(|i| i.src_ip_addrs.as_slice()).unwrap_or_default(),
+    };
+    for addr in addrs {
         let mut entry = json!({"address": addr, "interface": index});
         if conf.pre_1_0() {
             entry["version"] =

@@ -226,6 +226,13 @@ pub struct NetConf {
     /// How long one connection request may take, in seconds (default 30).
     #[serde(default)]
     pub timeout_seconds: Option<u64>,
+    /// Whether the result lists the mesh interfaces' addresses in `ips`
+    /// (default true, as the spec intends). Debian's reference plugins
+    /// (bridge, ptp 1.1.1) check every address of a chained result against
+    /// their own interface on CHECK, so a runtime that runs CHECK through them
+    /// needs `false`; interfaces and routes are reported either way.
+    #[serde(default)]
+    pub report_addresses: Option<bool>,
     /// Declared capabilities (`io.kubernetes.cri.pod-annotations: true`).
     #[serde(default)]
     pub capabilities: BTreeMap<String, bool>,
