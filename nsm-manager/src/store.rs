@@ -1,31 +1,39 @@
 //! The embedded durable store: named tables of string keys to serde values,
-//! one JSON file per table under `--state-dir`.
+//! kept in memory and written through to one redb database per manager
+//! (`--state-dir/state.redb`).
 //!
-//! Why not a database: the tables are small (connections and leases of one
-//! node, the lab's registry), every change is rare compared to packets, and
-//! a whole-file rewrite through a temporary file, `fsync` and `rename` is
-//! atomic on Linux: after SIGKILL the file is either the old or the new
-//! version, never a torn one. That is all the durability the manager needs
-//! and it costs no dependency.
+//! redb gives crash-safe commits (copy-on-write B-trees with checksums: after
+//! SIGKILL or power loss a table is the last committed version, never a torn
+//! one) and writes only the pages of the keys that changed. On top of it the
+//! table does group commit (see [`Table`]), so parallel requests share their
+//! `fsync`s instead of queueing one each.
 //!
-//! Protobuf messages are stored as their wire encoding in hex ([`Pb`]) so
-//! that the store never needs serde impls on generated types and a field
-//! added to a `.proto` later still decodes.
+//! Values are stored as JSON; protobuf messages as hex of their wire
+//! encoding ([`Pb`]), so that the store never needs serde impls on generated
+//! types and a field added to a `.proto` later still decodes.
 //!
 //! The store must never be shared by two managers: the directory belongs to
-//! one process.
+//! one process (redb refuses a second opener).
 
-use std::collections::BTreeMap;
-use std::io::Write;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
+use redb::{ReadableDatabase, ReadableTable};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database refused an operation.
+    #[error("state database {path}: {message}")]
+    Db {
+        /// The database file.
+        path: String,
+        /// redb's message.
+        message: String,
+    },
     /// Reading or writing a table file failed.
     #[error("state file {path}: {source}")]
     Io {
@@ -78,54 +86,116 @@ impl<'de, T: prost::Message + Default> Deserialize<'de> for Pb<T> {
 
 /// One durable table: a map kept in memory and written through on every change.
 ///
-/// Writes use group commit: a change is applied in memory, then the caller
-/// waits until a flush that started after its change is on disk. Only one
-/// flush runs at a time and it writes the whole current map, so while one
-/// `fsync` is under way every other writer's change queues up and the next
-/// flush makes all of them durable at once. Under 200 parallel requests that
-/// turns hundreds of serialized `fsync`s into a handful, and the row lock is
-/// never held across disk I/O.
+/// Writes use group commit: a change is applied in memory and its key marked
+/// dirty, then the caller waits until a flush that started after its change
+/// has committed. One flush runs at a time and commits every dirty key in one
+/// redb transaction, so while one commit is under way every other writer's
+/// change queues up and the next commit makes all of them durable at once.
+/// Under 200 parallel requests that turns hundreds of serialized `fsync`s
+/// into a handful, and the row lock is never held across disk I/O.
 #[derive(Debug)]
 pub struct Table<T> {
-    path: Option<PathBuf>,
+    db: Option<Arc<Db>>,
+    name: String,
     rows: Mutex<Rows<T>>,
-    /// The generation last made durable; held while a flush writes.
+    /// The generation last made durable; held while a flush commits.
     durable: Mutex<u64>,
 }
 
 #[derive(Debug)]
 struct Rows<T> {
     map: BTreeMap<String, T>,
+    /// Keys changed since the last flush took its batch.
+    dirty: BTreeSet<String>,
     /// Bumped by every change.
     generation: u64,
 }
 
+/// One manager's database, shared by its tables and closed with the last of them.
+#[derive(Debug)]
+struct Db {
+    path: PathBuf,
+    db: redb::Database,
+}
+
+impl Db {
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Db {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The database of `dir`: opened once per process and shared, because
+    /// redb allows one opener per file.
+    fn open(dir: &Path) -> Result<Arc<Db>, StoreError> {
+        static OPEN: Mutex<BTreeMap<PathBuf, Weak<Db>>> = Mutex::new(BTreeMap::new());
+        let path = dir.join("state.redb");
+        let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = open.get(&path).and_then(Weak::upgrade) {
+            return Ok(db);
+        }
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let db = redb::Database::create(&path).map_err(|e| StoreError::Db {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let db = Arc::new(Db {
+            path: path.clone(),
+            db,
+        });
+        open.retain(|_, w| w.strong_count() > 0);
+        open.insert(path, Arc::downgrade(&db));
+        Ok(db)
+    }
+}
+
+fn definition(name: &str) -> redb::TableDefinition<'_, &'static str, &'static [u8]> {
+    redb::TableDefinition::new(name)
+}
+
 impl<T: Serialize + DeserializeOwned + Clone> Table<T> {
-    /// Opens (or creates empty) table `name` in `dir`; `None` keeps it in memory only.
+    /// Opens (or creates empty) table `name` in `dir`'s database; `None`
+    /// keeps it in memory only.
     ///
     /// # Errors
-    /// The file exists but cannot be read or decoded.
+    /// The database cannot be opened, or a row does not decode.
     pub fn open(dir: Option<&Path>, name: &str) -> Result<Arc<Table<T>>, StoreError> {
-        let path = dir.map(|d| d.join(format!("{name}.json")));
-        let map = match &path {
-            Some(p) => match std::fs::read(p) {
-                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                    path: p.display().to_string(),
-                    message: e.to_string(),
-                })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-                Err(source) => {
-                    return Err(StoreError::Io {
-                        path: p.display().to_string(),
-                        source,
-                    });
+        let db = dir.map(Db::open).transpose()?;
+        let mut map = BTreeMap::new();
+        if let Some(db) = &db {
+            let read = db.db.begin_read().map_err(|e| db.err(e))?;
+            match read.open_table(definition(name)) {
+                Ok(table) => {
+                    for row in table.iter().map_err(|e| db.err(e))? {
+                        let (k, v) = row.map_err(|e| db.err(e))?;
+                        let value =
+                            serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                                path: format!(
+                                    "{} table {name} key {}",
+                                    db.path.display(),
+                                    k.value()
+                                ),
+                                message: e.to_string(),
+                            })?;
+                        map.insert(k.value().to_string(), value);
+                    }
                 }
-            },
-            None => BTreeMap::new(),
-        };
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(db.err(e)),
+            }
+        }
         Ok(Arc::new(Table {
-            path,
-            rows: Mutex::new(Rows { map, generation: 0 }),
+            db,
+            name: name.to_string(),
+            rows: Mutex::new(Rows {
+                map,
+                dirty: BTreeSet::new(),
+                generation: 0,
+            }),
             durable: Mutex::new(0),
         }))
     }
@@ -153,12 +223,13 @@ impl<T: Serialize + DeserializeOwned + Clone> Table<T> {
     /// Inserts or replaces a row and returns once it is durable.
     ///
     /// # Errors
-    /// The write failed. The row stays in memory (other writers' changes
-    /// may already be batched with it); the caller undoes its step.
+    /// The commit failed. The row stays in memory and dirty (the next
+    /// commit retries it); the caller undoes its step.
     pub fn put(&self, key: &str, value: T) -> Result<(), StoreError> {
         let generation = {
             let mut rows = self.lock();
             rows.map.insert(key.to_string(), value);
+            rows.dirty.insert(key.to_string());
             rows.generation += 1;
             rows.generation
         };
@@ -168,13 +239,14 @@ impl<T: Serialize + DeserializeOwned + Clone> Table<T> {
     /// Removes a row (if present), returns once that is durable, and gives the old row.
     ///
     /// # Errors
-    /// The write failed (see [`Table::put`]).
+    /// The commit failed (see [`Table::put`]).
     pub fn remove(&self, key: &str) -> Result<Option<T>, StoreError> {
         let (old, generation) = {
             let mut rows = self.lock();
             let Some(old) = rows.map.remove(key) else {
                 return Ok(None);
             };
+            rows.dirty.insert(key.to_string());
             rows.generation += 1;
             (old, rows.generation)
         };
@@ -187,7 +259,7 @@ impl<T: Serialize + DeserializeOwned + Clone> Table<T> {
     /// read-modify-write steps that must be atomic (IPAM allocation).
     ///
     /// # Errors
-    /// `f`'s error, or the write's.
+    /// `f`'s error, or the commit's.
     pub fn update<R, E: From<StoreError>>(
         &self,
         f: impl FnOnce(&mut BTreeMap<String, T>) -> Result<R, E>,
@@ -197,6 +269,20 @@ impl<T: Serialize + DeserializeOwned + Clone> Table<T> {
             let before = rows.map.clone();
             match f(&mut rows.map) {
                 Ok(r) => {
+                    // Only keys whose presence or value changed need writing.
+                    let after = &rows.map;
+                    let changed: Vec<String> = before
+                        .keys()
+                        .filter(|k| !after.contains_key(*k))
+                        .chain(after.iter().filter_map(|(k, v)| {
+                            let same = before.get(k).is_some_and(|old| {
+                                serde_json::to_vec(old).ok() == serde_json::to_vec(v).ok()
+                            });
+                            (!same).then_some(k)
+                        }))
+                        .cloned()
+                        .collect();
+                    rows.dirty.extend(changed);
                     rows.generation += 1;
                     (r, rows.generation)
                 }
@@ -210,10 +296,10 @@ impl<T: Serialize + DeserializeOwned + Clone> Table<T> {
         Ok(r)
     }
 
-    /// Returns once generation `generation` (or a later one) is on disk,
-    /// flushing it if no flush that started after it has finished.
+    /// Returns once generation `generation` (or a later one) is committed,
+    /// committing it if no commit that started after it has finished.
     fn sync(&self, generation: u64) -> Result<(), StoreError> {
-        let Some(path) = &self.path else {
+        let Some(db) = &self.db else {
             return Ok(());
         };
         // Disk I/O must not stall the async runtime's few worker threads.
@@ -222,19 +308,51 @@ impl<T: Serialize + DeserializeOwned + Clone> Table<T> {
             if *durable >= generation {
                 return Ok(());
             }
-            let (bytes, covered) = {
-                let rows = self.lock();
-                let bytes =
-                    serde_json::to_vec_pretty(&rows.map).map_err(|e| StoreError::Corrupt {
-                        path: path.display().to_string(),
-                        message: e.to_string(),
-                    })?;
-                (bytes, rows.generation)
+            let (batch, covered) = {
+                let mut rows = self.lock();
+                let keys = std::mem::take(&mut rows.dirty);
+                let batch: Vec<(String, Option<Vec<u8>>)> = keys
+                    .into_iter()
+                    .map(|k| {
+                        let v = rows
+                            .map
+                            .get(&k)
+                            .map(|v| serde_json::to_vec(v).expect("table values serialize"));
+                        (k, v)
+                    })
+                    .collect();
+                (batch, rows.generation)
             };
-            write_atomically(path, &bytes)?;
+            if let Err(e) = self.commit(db, &batch) {
+                // Keep the keys dirty so the next commit writes them.
+                self.lock().dirty.extend(batch.into_iter().map(|(k, _)| k));
+                return Err(e);
+            }
             *durable = covered;
             Ok(())
         })
+    }
+
+    fn commit(&self, db: &Db, batch: &[(String, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let txn = db.db.begin_write().map_err(|e| db.err(e))?;
+        {
+            let mut table = txn
+                .open_table(definition(&self.name))
+                .map_err(|e| db.err(e))?;
+            for (k, v) in batch {
+                match v {
+                    Some(bytes) => {
+                        table
+                            .insert(k.as_str(), bytes.as_slice())
+                            .map_err(|e| db.err(e))?;
+                    }
+                    None => {
+                        table.remove(k.as_str()).map_err(|e| db.err(e))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| db.err(e))
     }
 }
 
@@ -247,27 +365,6 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
         }
         _ => f(),
     }
-}
-
-/// Writes `bytes` to `path` so that after a crash the file is either the old
-/// or the new version: temporary file, `fsync`, rename, `fsync` of the directory.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let io = |source| StoreError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    // The rename itself is durable only once the directory is synced.
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]
