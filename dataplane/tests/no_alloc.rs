@@ -2,13 +2,10 @@
 //! watches the steady-state data path (same-node forwarding, encryption,
 //! decryption, ICMP replies, drops) and must see zero allocations.
 //!
-//! Its own test binary, so the allocator sees only this test; counting is
-//! switched on per thread so the harness's own allocations do not count.
+//! The counting allocator is `tests/common`; it counts per thread, inside
+//! `count` only.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use etherparse::PacketBuilder;
@@ -17,55 +14,8 @@ use nsm_dataplane::{
     StaticSecret, WgPeer, XconnSpec, out_len,
 };
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    // const-initialised, no destructor: reading it never allocates.
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn note() {
-    if COUNTING.with(Cell::get) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every method forwards to `System` unchanged; counting has no
-// effect on the memory handed out.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn count<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    COUNTING.with(|c| c.set(true));
-    let r = f();
-    COUNTING.with(|c| c.set(false));
-    (r, ALLOCATIONS.load(Ordering::Relaxed) - before)
-}
+mod common;
+use common::count;
 
 fn udp4(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
     let b = PacketBuilder::ipv4(src, dst, 64).udp(1, 2);
@@ -195,4 +145,12 @@ fn steady_state_data_path_never_allocates() {
         }
     });
     assert_eq!(n, 0, "allocations building ICMP replies");
+}
+
+/// The counter itself sees allocations, so a zero above means something.
+#[test]
+fn the_counter_counts() {
+    let (b, n) = count(|| std::hint::black_box(Box::new([0u8; 64])));
+    drop(b);
+    assert_eq!(n, 1);
 }

@@ -499,19 +499,14 @@ impl Lab {
             let ns = netns_name(&lab, Some(&node.name));
             let port = format!("n{i}");
             let s = |what: &str| format!("node {}: {what}", node.name);
-            ip_in(
+            self.plug(
                 &underlay,
-                &[
-                    "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", "eth0",
-                    "mtu", &mtu, "netns", &ns,
-                ],
-            )
-            .map_err(self.step(s("underlay link")))?;
-            ip_in(
-                &underlay,
-                &["link", "set", &port, "master", UNDERLAY_BRIDGE, "up"],
-            )
-            .map_err(self.step(s("bridge port")))?;
+                UNDERLAY_BRIDGE,
+                &port,
+                &ns,
+                &mtu,
+                &s("underlay link"),
+            )?;
             ip_in(
                 &ns,
                 &[
@@ -592,18 +587,7 @@ impl Lab {
                 .pod_gateway;
             let port = format!("p{j}");
             let s = |what: &str| format!("pod {}: {what}", pod.name);
-            ip_in(
-                &node_ns,
-                &[
-                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-                ],
-            )
-            .map_err(self.step(s("link")))?;
-            ip_in(
-                &node_ns,
-                &["link", "set", &port, "master", POD_BRIDGE, "up"],
-            )
-            .map_err(self.step(s("bridge port")))?;
+            self.plug(&node_ns, POD_BRIDGE, &port, &ns, "1500", &s("link"))?;
             ip_in(
                 &ns,
                 &["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"],
@@ -624,6 +608,31 @@ impl Lab {
             started.elapsed().as_secs_f64(),
             self.dir.display()
         ));
+        Ok(())
+    }
+
+    /// Plugs namespace `ns` into `bridge` (in `bridge_ns`): a veth whose
+    /// bridge end is `port` and whose other end is `eth0` in `ns`. Links are
+    /// only ever made inside lab namespaces, so removing those removes them.
+    fn plug(
+        &self,
+        bridge_ns: &str,
+        bridge: &str,
+        port: &str,
+        ns: &str,
+        mtu: &str,
+        what: &str,
+    ) -> Result<(), LabError> {
+        ip_in(
+            bridge_ns,
+            &[
+                "link", "add", port, "mtu", mtu, "type", "veth", "peer", "name", "eth0", "mtu",
+                mtu, "netns", ns,
+            ],
+        )
+        .map_err(self.step(what))?;
+        ip_in(bridge_ns, &["link", "set", port, "master", bridge, "up"])
+            .map_err(self.step(format!("{what}: bridge port")))?;
         Ok(())
     }
 
