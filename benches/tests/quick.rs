@@ -1,0 +1,91 @@
+//! End to end: `nsm-bench --quick` over veth and nsm-rs builds its lab,
+//! measures both and writes a JSON document with sane figures. Needs root
+//! and the mesh binaries (built by the workspace build), like the testbed's
+//! own root tests; about 40 s.
+
+use std::process::Command;
+
+#[test]
+fn quick_run_measures_veth_and_nsm_rs() {
+    nsm_testbed::testing::require_root();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json_path = dir.path().join("bench.json");
+    let svg_path = dir.path().join("bench.svg");
+    let out = Command::new(env!("CARGO_BIN_EXE_nsm-bench"))
+        .args(["--quick", "--only", "veth,nsm-rs", "--json"])
+        .arg(&json_path)
+        .arg("--svg")
+        .arg(&svg_path)
+        .output()
+        .expect("nsm-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "nsm-bench failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("TCP 1 stream"), "no table:\n{stdout}");
+
+    let text = std::fs::read_to_string(&json_path).expect("JSON written");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let impls = v["implementations"].as_array().expect("implementations");
+    for name in ["veth", "nsm-rs"] {
+        let i = impls
+            .iter()
+            .find(|i| i["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing from {text}"));
+        assert_eq!(i["status"], "ok", "{name}: {}", i["status"]);
+        assert_eq!(
+            i["runs"].as_array().map(Vec::len),
+            Some(1),
+            "{name}: one run"
+        );
+        for key in [
+            "tcp_1_stream_gbps",
+            "udp_64_pps",
+            "latency_idle_p50_us",
+            "latency_idle_p99_us",
+            "latency_load_p99_us",
+        ] {
+            let m = i["medians"][key].as_f64();
+            assert!(m.is_some_and(|m| m > 0.0), "{name} {key} = {m:?}: {text}");
+        }
+        // Throughput within physics: more than 1 Mbit/s, less than 1 Tbit/s.
+        let tcp = i["medians"]["tcp_1_stream_gbps"]
+            .as_f64()
+            .unwrap_or_default();
+        assert!((0.001..1000.0).contains(&tcp), "{name} tcp {tcp}");
+    }
+    let ours = impls
+        .iter()
+        .find(|i| i["name"] == "nsm-rs")
+        .expect("checked above");
+    assert!(
+        ours["medians"]["cpu_seconds_per_gb"]
+            .as_f64()
+            .is_some_and(|c| c > 0.0),
+        "nsm-rs has a CPU figure: {text}"
+    );
+    assert!(
+        ours["ratios"]["to_veth"]["tcp_1_stream_gbps"]
+            .as_f64()
+            .is_some()
+    );
+    let veth = impls
+        .iter()
+        .find(|i| i["name"] == "veth")
+        .expect("checked above");
+    assert!(
+        veth["medians"].get("cpu_seconds_per_gb").is_none(),
+        "veth CPU is n/a"
+    );
+    assert!(
+        v["control_plane"]["setup_1"]["p50_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "setup latency: {}",
+        v["control_plane"]
+    );
+    let svg = std::fs::read_to_string(&svg_path).expect("SVG written");
+    assert!(svg.starts_with("<svg") && svg.contains("nsm-rs") && svg.contains("veth"));
+}
