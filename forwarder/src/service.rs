@@ -586,10 +586,20 @@ fn port_kind(k: &KernelPlan, port: PortId) -> PortKind {
 }
 
 /// The pod's view of its peer: neighbour entries first, then next hops,
-/// then (same node) the other pod's own addresses.
+/// then link-scope host routes, then (same node) the other pod's own
+/// addresses.
 fn pod_end(k: &KernelPlan, port: PortId, other: Option<&KernelPlan>) -> PodEnd {
     let mut ips: Vec<IpAddr> = k.neighbors.iter().map(|(ip, _)| *ip).collect();
     ips.extend(k.routes.iter().filter_map(|r| r.next_hop));
+    // A link-scope route to a single address is the point-to-point peer
+    // itself: NSM's point-to-point IPAM gives each side a /32 (or /128)
+    // route to the other, and that is all a cross-node TAP pod knows of it.
+    ips.extend(
+        k.routes
+            .iter()
+            .filter(|r| r.next_hop.is_none() && r.prefix.prefix_len() == r.prefix.max_prefix_len())
+            .map(|r| r.prefix.addr()),
+    );
     if let Some(o) = other {
         ips.extend(o.addresses.iter().map(|n| n.addr()));
     }

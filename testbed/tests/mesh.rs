@@ -382,3 +382,46 @@ fn two_hundred_parallel_requests_all_succeed() {
         );
     }
 }
+
+#[test]
+fn an_ethernet_service_gives_tap_interfaces_that_reach_across_nodes() {
+    let name = unique_lab_name("meth");
+    let (_dir, lab) = up(
+        &format!(
+            r#"
+name: {name}
+nodes: [{{name: node-1}}, {{name: node-2}}]
+services: [{{name: l2-net, payload: ETHERNET, cidr: 172.29.0.0/24}}]
+endpoints: [{{name: l2echo, node: node-2, service: l2-net}}]
+pods: [{{name: l2web, node: node-1, annotations: {{networkservicemesh.io: "kernel://l2-net/nsm-1"}}}}]
+"#
+        ),
+        &[],
+    );
+    let c = &lab.status().connections[0];
+    assert_eq!(c.state, "UP", "{c:?}");
+    // A TAP carries Ethernet frames: the pod's interface has a MAC and the
+    // forwarder answers its ARP for the peer, so a ping crosses the nodes.
+    let link = String::from_utf8_lossy(
+        &lab.exec("l2web", &["ip", "-o", "link", "show", "nsm-1"])
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(link.contains("link/ether"), "nsm-1 is a TAP: {link}");
+    assert!(
+        ping(&lab, "l2web", &c.dst_ip),
+        "ping {} over the TAP",
+        c.dst_ip
+    );
+    let neigh = String::from_utf8_lossy(
+        &lab.exec("l2web", &["ip", "neigh", "show", "dev", "nsm-1"])
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        neigh.contains(&c.dst_ip),
+        "the peer was resolved by ARP: {neigh}"
+    );
+}
