@@ -278,6 +278,34 @@ fn a_failed_add_is_rolled_back_and_reports_the_managers_refusal() {
         0,
         "no connection left in the manager"
     );
+    // The same ADD as a runtime sees it: CNI error code 100 on stdout.
+    let conf: Value = serde_json::from_str(&std::fs::read_to_string(&conf).unwrap()).unwrap();
+    let mut nsm = conf["plugins"][1].clone();
+    nsm["cniVersion"] = conf["cniVersion"].clone();
+    nsm["name"] = conf["name"].clone();
+    let mut add = Command::new(env!("CARGO_BIN_EXE_nsm-cni"))
+        .envs([
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "direct-1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ])
+        .env("CNI_NETNS", &cni.pod_netns)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(nsm.to_string().as_bytes())
+        .unwrap();
+    let add = add.wait_with_output().unwrap();
+    let err: Value = serde_json::from_slice(&add.stdout).expect("an error object on stdout");
+    assert_eq!(err["code"], 100, "{err}");
+    assert!(!cni.has_link("nsm-1"), "rolled back again");
+    assert_eq!(cni.manager_connections(), 0);
     let del = cni.cnitool("del");
     assert!(
         del.status.success(),
