@@ -28,6 +28,7 @@
 // `deny`, not `forbid`: `sys` must be able to opt out, and nothing else may.
 #![deny(unsafe_code)]
 
+pub mod chain;
 pub mod config;
 pub mod keys;
 mod offload;

@@ -5,13 +5,24 @@
 //! Nothing here has side effects except looking at the netns path (it must
 //! exist and be a network namespace), so a refused request leaves nothing
 //! behind.
+//!
+//! The service chain is converted here too ([`parse_chain`]): the proto's
+//! source/destination directions become the data plane's A/B ones (side A
+//! is always the kernel side, which is the destination on the endpoint's
+//! node), proto defaults become explicit values, and the whole
+//! [`ChainSpec`] is validated, so that a bad chain is refused before
+//! anything is touched and the chain in force stays.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use ipnet::IpNet;
-use nsm_dataplane::{MacAddr, PublicKey};
+use nsm_dataplane::stages::{
+    AclAction, AclRule, AclSpec, ChainSpec, FaultSpec, FlowMatch, FunctionSpec, MirrorSpec,
+    Nat44Spec, PortRange, Prefix, Proto, RateLimitSpec,
+};
+use nsm_dataplane::{Direction, MacAddr, PublicKey};
 use nsm_proto::forwarder::v1 as pb;
 use nsm_proto::mechanisms::{kernel::IFNAME_MAX_LEN, wireguard::DEFAULT_PORT};
 
@@ -128,6 +139,21 @@ pub struct Plan {
     pub source: SidePlan,
     /// The endpoint-facing side.
     pub destination: SidePlan,
+    /// The built-in functions, directions already in A/B terms.
+    pub chain: ChainPlan,
+}
+
+/// A validated chain: the data plane's spec plus what only the forwarder
+/// acts on (where mirrors write).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChainPlan {
+    /// Validated: `nsm_dataplane::stages::build` cannot refuse it.
+    pub spec: ChainSpec,
+    /// `pcap[i]` is the file of `spec.functions[i]` when it is a mirror.
+    pub pcap: Vec<Option<PathBuf>>,
+    /// Side A is the source side (false on the endpoint's node of a
+    /// cross-node connection): maps A/B back to forward/reverse in status.
+    pub a_is_source: bool,
 }
 
 impl Plan {
@@ -185,10 +211,233 @@ pub fn parse(req: &pb::CrossConnect) -> Result<Plan, Refusal> {
         }
         _ => {}
     }
+    // Side A is the source when the source is a kernel side (see service).
+    let a_is_source = matches!(source, SidePlan::Kernel(_));
+    let chain = parse_chain(req.chain.as_ref(), a_is_source)?;
     Ok(Plan {
         id: req.id.clone(),
         source,
         destination,
+        chain,
+    })
+}
+
+/// Largest `Fault.delay_ms`: a delay line holds a fixed number of
+/// packets, so a longer delay only turns into loss at any useful rate.
+pub const MAX_DELAY_MS: u32 = 10_000;
+/// Default `Mirror.snaplen`, bytes (a jumbo frame).
+pub const DEFAULT_SNAPLEN: u16 = 9216;
+/// Default `Mirror.slots`, packets.
+pub const DEFAULT_MIRROR_SLOTS: usize = 512;
+/// Default ACL/NAT table size, entries.
+pub const DEFAULT_TABLE: usize = 65_536;
+/// Default ACL/NAT idle timeout.
+pub const DEFAULT_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Converts and validates a chain. Errors name the element the way
+/// [`nsm_dataplane::stages::SpecError`] does: `chain[1] (ratelimit): ...`.
+///
+/// # Errors
+/// INVALID_ARGUMENT for anything malformed.
+pub fn parse_chain(chain: Option<&pb::Chain>, a_is_source: bool) -> Result<ChainPlan, Refusal> {
+    let Some(chain) = chain else {
+        return Ok(ChainPlan {
+            a_is_source,
+            ..ChainPlan::default()
+        });
+    };
+    let dir = |d: i32, what: &str| -> Result<Option<Direction>, String> {
+        let (fwd, rev) = if a_is_source {
+            (Direction::AToB, Direction::BToA)
+        } else {
+            (Direction::BToA, Direction::AToB)
+        };
+        match pb::ChainDirection::try_from(d) {
+            Ok(pb::ChainDirection::Both) => Ok(None),
+            Ok(pb::ChainDirection::Forward) => Ok(Some(fwd)),
+            Ok(pb::ChainDirection::Reverse) => Ok(Some(rev)),
+            Err(_) => Err(format!(
+                "{what}direction {d} is not BOTH, FORWARD or REVERSE"
+            )),
+        }
+    };
+    let ports = |r: Option<&pb::PortRange>, what: &str| -> Result<Option<PortRange>, String> {
+        let Some(r) = r else { return Ok(None) };
+        let port =
+            |p: u32| u16::try_from(p).map_err(|_| format!("{what}: port {p} is above 65535"));
+        let lo = port(r.lo)?;
+        let hi = if r.hi == 0 { lo } else { port(r.hi)? };
+        Ok(Some(PortRange::new(lo, hi)))
+    };
+    let prefix = |s: &str, what: &str| -> Result<Option<Prefix>, String> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse::<Prefix>()
+            .map(Some)
+            .map_err(|e| format!("{what} {s:?}: {e}"))
+    };
+    let flow = |m: Option<&pb::FlowMatch>, what: &str| -> Result<FlowMatch, String> {
+        let Some(m) = m else {
+            return Ok(FlowMatch::default());
+        };
+        let proto = match pb::MatchProtocol::try_from(m.protocol) {
+            Ok(pb::MatchProtocol::Any) => Proto::Any,
+            Ok(pb::MatchProtocol::Icmp) => Proto::Icmp,
+            Ok(pb::MatchProtocol::Icmpv6) => Proto::Icmpv6,
+            Ok(pb::MatchProtocol::Tcp) => Proto::Tcp,
+            Ok(pb::MatchProtocol::Udp) => Proto::Udp,
+            Err(_) => return Err(format!("{what}protocol {} is unknown", m.protocol)),
+        };
+        Ok(FlowMatch {
+            proto,
+            src: prefix(&m.src, &format!("{what}src"))?,
+            dst: prefix(&m.dst, &format!("{what}dst"))?,
+            src_ports: ports(m.src_ports.as_ref(), &format!("{what}src_ports"))?,
+            dst_ports: ports(m.dst_ports.as_ref(), &format!("{what}dst_ports"))?,
+            direction: dir(m.direction, what)?,
+        })
+    };
+    let action = |a: i32, what: &str| match pb::AclAction::try_from(a) {
+        Ok(pb::AclAction::Allow) => Ok(AclAction::Allow),
+        Ok(pb::AclAction::Deny) => Ok(AclAction::Deny),
+        Err(_) => Err(format!("{what} {a} is not ALLOW or DENY")),
+    };
+    let secs = |s: u32| {
+        if s == 0 {
+            DEFAULT_IDLE
+        } else {
+            std::time::Duration::from_secs(u64::from(s))
+        }
+    };
+    let table = |n: u32| {
+        if n == 0 {
+            DEFAULT_TABLE
+        } else {
+            usize::try_from(n).unwrap_or(usize::MAX)
+        }
+    };
+
+    let mut functions = Vec::with_capacity(chain.functions.len());
+    let mut pcap = Vec::with_capacity(chain.functions.len());
+    for (i, f) in chain.functions.iter().enumerate() {
+        use pb::function::Kind;
+        let Some(kind) = f.kind.as_ref() else {
+            return Err(Refusal::invalid(format!(
+                "chain[{i}]: no function set (acl, ratelimit, nat44, mirror, counter or fault)"
+            )));
+        };
+        let name = match kind {
+            Kind::Acl(_) => "acl",
+            Kind::Ratelimit(_) => "ratelimit",
+            Kind::Nat44(_) => "nat44",
+            Kind::Mirror(_) => "mirror",
+            Kind::Counter(_) => "counter",
+            Kind::Fault(_) => "fault",
+        };
+        let bad = |e: String| Refusal::invalid(format!("chain[{i}] ({name}): {e}"));
+        let mut path = None;
+        let spec =
+            match kind {
+                Kind::Acl(a) => {
+                    let rules = a
+                        .rules
+                        .iter()
+                        .enumerate()
+                        .map(|(r, rule)| {
+                            Ok(AclRule {
+                                action: action(rule.action, &format!("rule[{r}]: action"))?,
+                                matches: flow(rule.r#match.as_ref(), &format!("rule[{r}]: "))?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, String>>()
+                        .map_err(bad)?;
+                    FunctionSpec::Acl(AclSpec {
+                        rules,
+                        default: action(a.default_action, "default_action").map_err(bad)?,
+                        stateful: a.stateful.unwrap_or(true),
+                        conntrack_capacity: table(a.conntrack_capacity),
+                        idle_timeout: secs(a.idle_timeout_secs),
+                    })
+                }
+                Kind::Ratelimit(r) => FunctionSpec::RateLimit(RateLimitSpec {
+                    rate_bps: r.rate_bps,
+                    burst_bytes: (r.burst_bytes != 0).then_some(r.burst_bytes),
+                    direction: dir(r.direction, "").map_err(bad)?,
+                }),
+                Kind::Nat44(n) => {
+                    let address = n.address.parse().map_err(|_| {
+                        bad(format!("address {:?} is not an IPv4 address", n.address))
+                    })?;
+                    let mut spec = Nat44Spec::new(address);
+                    if let Some(p) = ports(n.ports.as_ref(), "ports").map_err(bad)? {
+                        spec.ports = p;
+                    }
+                    spec.outbound = if a_is_source {
+                        Direction::AToB
+                    } else {
+                        Direction::BToA
+                    };
+                    spec.capacity = table(n.capacity);
+                    spec.idle_timeout = secs(n.idle_timeout_secs);
+                    FunctionSpec::Nat44(spec)
+                }
+                Kind::Mirror(m) => {
+                    let p = PathBuf::from(&m.pcap_path);
+                    if !p.is_absolute() {
+                        return Err(bad(format!(
+                            "pcap_path {:?} is not an absolute path",
+                            m.pcap_path
+                        )));
+                    }
+                    path = Some(p);
+                    let snaplen = match m.snaplen {
+                        0 => DEFAULT_SNAPLEN,
+                        n => u16::try_from(n)
+                            .map_err(|_| bad(format!("snaplen {n} is above 65535")))?,
+                    };
+                    FunctionSpec::Mirror(MirrorSpec {
+                        filter: flow(m.filter.as_ref(), "filter: ").map_err(bad)?,
+                        snaplen,
+                        slots: match m.slots {
+                            0 => DEFAULT_MIRROR_SLOTS,
+                            n => usize::try_from(n).unwrap_or(usize::MAX),
+                        },
+                    })
+                }
+                Kind::Counter(_) => FunctionSpec::Counter,
+                Kind::Fault(fl) => {
+                    if fl.delay_ms > MAX_DELAY_MS {
+                        return Err(bad(format!(
+                            "delay_ms {} is above {MAX_DELAY_MS}",
+                            fl.delay_ms
+                        )));
+                    }
+                    let mut spec = FaultSpec {
+                        delay: std::time::Duration::from_millis(u64::from(fl.delay_ms)),
+                        drop_percent: fl.drop_percent,
+                        corrupt_percent: fl.corrupt_percent,
+                        direction: dir(fl.direction, "").map_err(bad)?,
+                        ..FaultSpec::default()
+                    };
+                    if fl.seed != 0 {
+                        spec.seed = fl.seed;
+                    }
+                    FunctionSpec::Fault(spec)
+                }
+            };
+        functions.push(spec);
+        pcap.push(path);
+    }
+    let spec = ChainSpec { functions };
+    // The data plane's own checks (prefixes, ranges, rates, sizes), with
+    // the same `chain[i] (name): ...` naming.
+    spec.validate()
+        .map_err(|e| Refusal::invalid(e.to_string()))?;
+    Ok(ChainPlan {
+        spec,
+        pcap,
+        a_is_source,
     })
 }
 
@@ -457,12 +706,159 @@ mod tests {
         }
     }
 
+    fn f(kind: pb::function::Kind) -> pb::Function {
+        pb::Function { kind: Some(kind) }
+    }
+
+    #[test]
+    fn chain_directions_follow_the_source_side() {
+        let chain = pb::Chain {
+            functions: vec![f(pb::function::Kind::Ratelimit(pb::RateLimit {
+                rate_bps: 1_000_000,
+                direction: pb::ChainDirection::Forward as i32,
+                ..Default::default()
+            }))],
+        };
+        // Client's node: source = kernel = side A, so forward is A to B.
+        let p = parse_chain(Some(&chain), true).expect("valid");
+        let FunctionSpec::RateLimit(r) = &p.spec.functions[0] else {
+            panic!("ratelimit");
+        };
+        assert_eq!(r.direction, Some(Direction::AToB));
+        assert_eq!(r.burst_bytes, None, "0 = the data plane's default");
+        // Endpoint's node: side A is the destination's pod.
+        let p = parse_chain(Some(&chain), false).expect("valid");
+        let FunctionSpec::RateLimit(r) = &p.spec.functions[0] else {
+            panic!("ratelimit");
+        };
+        assert_eq!(r.direction, Some(Direction::BToA));
+    }
+
+    #[test]
+    fn chain_defaults_are_explicit() {
+        let chain = pb::Chain {
+            functions: vec![
+                f(pb::function::Kind::Acl(pb::Acl {
+                    rules: vec![pb::AclRule {
+                        action: pb::AclAction::Allow as i32,
+                        r#match: Some(pb::FlowMatch {
+                            protocol: pb::MatchProtocol::Tcp as i32,
+                            dst: "192.0.2.0/24".into(),
+                            dst_ports: Some(pb::PortRange { lo: 5201, hi: 0 }),
+                            ..Default::default()
+                        }),
+                    }],
+                    ..Default::default()
+                })),
+                f(pb::function::Kind::Mirror(pb::Mirror {
+                    pcap_path: "/tmp/x.pcap".into(),
+                    ..Default::default()
+                })),
+                f(pb::function::Kind::Counter(pb::CounterFunction {})),
+            ],
+        };
+        let p = parse_chain(Some(&chain), true).expect("valid");
+        let FunctionSpec::Acl(a) = &p.spec.functions[0] else {
+            panic!("acl");
+        };
+        assert!(a.stateful, "absent stateful = true");
+        assert_eq!(a.default, AclAction::Deny);
+        assert_eq!(a.conntrack_capacity, DEFAULT_TABLE);
+        assert_eq!(a.rules[0].matches.dst_ports, Some(PortRange::single(5201)));
+        let FunctionSpec::Mirror(m) = &p.spec.functions[1] else {
+            panic!("mirror");
+        };
+        assert_eq!(
+            (m.snaplen, m.slots),
+            (DEFAULT_SNAPLEN, DEFAULT_MIRROR_SLOTS)
+        );
+        assert_eq!(
+            p.pcap[1].as_deref(),
+            Some(std::path::Path::new("/tmp/x.pcap"))
+        );
+        assert_eq!(p.pcap[2], None);
+        assert_eq!(
+            parse_chain(None, true).expect("none").spec.functions.len(),
+            0
+        );
+    }
+
+    #[test]
+    fn chain_refusals_name_the_element() {
+        let refuse = |functions: Vec<pb::Function>| {
+            parse_chain(Some(&pb::Chain { functions }), true)
+                .map(|_| ())
+                .unwrap_err()
+        };
+        let counter = || f(pb::function::Kind::Counter(pb::CounterFunction {}));
+        let e = refuse(vec![
+            counter(),
+            f(pb::function::Kind::Ratelimit(pb::RateLimit::default())),
+        ]);
+        assert_eq!(e.code, tonic::Code::InvalidArgument);
+        assert_eq!(e.message, "chain[1] (ratelimit): rate must be > 0");
+        let e = refuse(vec![counter(), pb::Function { kind: None }]);
+        assert!(
+            e.message.starts_with("chain[1]: no function"),
+            "{}",
+            e.message
+        );
+        let e = refuse(vec![f(pb::function::Kind::Nat44(pb::Nat44 {
+            address: "2001:db8::1".into(),
+            ..Default::default()
+        }))]);
+        assert!(
+            e.message.starts_with("chain[0] (nat44): address"),
+            "{}",
+            e.message
+        );
+        let e = refuse(vec![f(pb::function::Kind::Acl(pb::Acl {
+            rules: vec![pb::AclRule {
+                action: pb::AclAction::Allow as i32,
+                r#match: Some(pb::FlowMatch {
+                    dst_ports: Some(pb::PortRange { lo: 70000, hi: 0 }),
+                    ..Default::default()
+                }),
+            }],
+            ..Default::default()
+        }))]);
+        assert!(
+            e.message.starts_with("chain[0] (acl): rule[0]: dst_ports"),
+            "{}",
+            e.message
+        );
+        let e = refuse(vec![f(pb::function::Kind::Mirror(pb::Mirror {
+            pcap_path: "relative.pcap".into(),
+            ..Default::default()
+        }))]);
+        assert!(e.message.contains("absolute"), "{}", e.message);
+        let e = refuse(vec![f(pb::function::Kind::Fault(pb::Fault {
+            drop_percent: f64::NAN,
+            ..Default::default()
+        }))]);
+        assert!(
+            e.message.starts_with("chain[0] (fault): drop_percent"),
+            "{}",
+            e.message
+        );
+        let e = refuse(vec![f(pb::function::Kind::Fault(pb::Fault {
+            delay_ms: 60_000,
+            ..Default::default()
+        }))]);
+        assert!(
+            e.message.starts_with("chain[0] (fault): delay_ms"),
+            "{}",
+            e.message
+        );
+    }
+
     #[test]
     fn refusals_carry_codes() {
         let mut req = pb::CrossConnect {
             id: "x".into(),
             source: Some(kernel("nsm-1")),
             destination: Some(kernel("nsm-2")),
+            chain: None,
         };
         assert!(parse(&req).is_ok());
         req.destination = Some(kernel("nsm-1"));

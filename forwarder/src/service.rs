@@ -16,6 +16,14 @@
 //! and if that fails the cross-connect is removed (and a DELETE published)
 //! rather than left half-updated. The key of an id survives every update.
 //!
+//! A Program that changes only the chain (same sides, a cross-connect
+//! already in the data plane) touches nothing else: the new chain is built
+//! here, swapped in with one control closure, and the old one comes back to
+//! be dropped here. A refused chain changes nothing (it is refused while
+//! parsing, or while building, before the swap). A `fault` delay travels
+//! with its chain: delay lines built here, installed on side A's port in
+//! the same closure (see `worker`).
+//!
 //! Events: Program and Remove publish UPDATE/DELETE; a state monitor
 //! publishes state changes (handshake done, session expired, pod gone);
 //! each Watch adds its own periodic counter UPDATEs. All are published
@@ -38,10 +46,11 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::chain;
 use crate::keys::{self, PrivateKey};
 use crate::plan::{self, KernelPlan, Plan, Refusal, SidePlan};
 use crate::pod;
-use crate::worker::WorkerHandle;
+use crate::worker::{PortDelay, WorkerHandle};
 
 /// Smallest Watch counters interval honoured.
 pub const MIN_COUNTERS_INTERVAL: Duration = Duration::from_millis(100);
@@ -94,6 +103,9 @@ struct Entry {
     mtu: u32,
     /// Which side is the data plane's side A (always a kernel side).
     a_is_source: bool,
+    /// The chain in force in the data plane (`None` while not programmed
+    /// there); its mirror drains run as long as it is kept.
+    chain: Option<chain::Installed>,
 }
 
 #[derive(Debug, Default)]
@@ -243,14 +255,18 @@ impl ForwarderService {
         let ports: Vec<PortId> = entry.pods.iter().flatten().map(|p| p.port).collect();
         let id_owned = id.to_string();
         let ports_c = ports.clone();
+        // The chain comes back to be dropped here, off the packet thread.
         let r = self
             .shared
             .worker
             .call(move |core| {
-                let _ = core.dp.remove_xconnect(&id_owned);
+                let chain = core.dp.remove_xconnect(&id_owned).ok();
+                let mut delays = Vec::new();
                 for p in ports_c {
+                    delays.push(core.set_delay(p, PortDelay::none()));
                     core.remove_port(p);
                 }
+                (chain, delays)
             })
             .await;
         if r.is_err() {
@@ -298,6 +314,19 @@ impl ForwarderService {
             }
         }
 
+        if let Some(old) = reg.entries.get(&id)
+            && old.counters.is_some()
+            && old.plan.source == plan.source
+            && old.plan.destination == plan.destination
+        {
+            return self.swap_chain(reg, req, plan).await;
+        }
+
+        // Built before anything is touched, so that a chain that cannot be
+        // built (a mirror file that cannot be created) changes nothing.
+        let mtu = plan.effective_mtu(self.shared.identity.derived_mtu());
+        let (new_chain, installed, delay) = build_chain(&plan.chain, &id, mtu).await?;
+
         // An update that changes a pod side is carried out as remove +
         // create; one that only changes a WireGuard side (typically: the
         // peer's key arrives) keeps the devices and the session state.
@@ -307,7 +336,10 @@ impl ForwarderService {
         // An update takes the old entry out of the registry: if the rest
         // fails, the cross-connect is gone and watchers must hear so.
         let existed = reg.entries.contains_key(&id);
-        if let Some(old) = reg.entries.remove(&id) {
+        // The old chain's mirrors keep draining until the new chain is in.
+        let mut old_installed = None;
+        if let Some(mut old) = reg.entries.remove(&id) {
+            old_installed = old.chain.take();
             let same_pods = plan
                 .sides()
                 .iter()
@@ -338,7 +370,6 @@ impl ForwarderService {
         if !has_wg {
             key = None;
         }
-        let mtu = plan.effective_mtu(self.shared.identity.derived_mtu());
         let a_is_source = matches!(plan.source, SidePlan::Kernel(_));
 
         // Create missing devices, each registered with the packet thread.
@@ -391,27 +422,44 @@ impl ForwarderService {
             }
         };
         let id_c = id.clone();
-        let result = self
+        let programmed = spec.is_some();
+        // The chain (and its delay, on side A's port: always a kernel side)
+        // goes in with the cross-connect, in the same closure, so no packet
+        // passes the new cross-connect without it. Whatever comes back (the
+        // old ones, or the new ones unused) is dropped here, off the packet
+        // thread.
+        let a_port = pods[if a_is_source { 0 } else { 1 }].map(|p| p.port);
+        let (result, _unused_chain, _unused_delay) = self
             .shared
             .worker
             .call(move |core| match spec {
                 Some(spec) => {
                     let is_wg = matches!(spec.b, FarEnd::Wireguard(_));
                     let r = core.dp.upsert_xconnect(&id_c, spec).map(Some);
+                    let (back, old_delay) = match (&r, a_port) {
+                        (Ok(_), Some(port)) => (
+                            core.dp.set_chain(&id_c, new_chain).ok(),
+                            core.set_delay(port, delay),
+                        ),
+                        _ => (Some(new_chain), Some(delay)),
+                    };
+                    let old_delay = [old_delay, None];
                     if r.is_ok() && is_wg {
                         core.initiate_handshake(&id_c);
                     }
-                    r
+                    (r, back, old_delay)
                 }
                 None => {
                     // Not complete (any more): keep the devices, drop
                     // traffic until the peer's key arrives.
-                    let _ = core.dp.remove_xconnect(&id_c);
-                    Ok(None)
+                    let old = core.dp.remove_xconnect(&id_c).ok();
+                    let old_delay = a_port.and_then(|p| core.set_delay(p, PortDelay::none()));
+                    (Ok(None), old.or(Some(new_chain)), [old_delay, Some(delay)])
                 }
             })
             .await
             .map_err(|e| Refusal::new(tonic::Code::Internal, e.to_string()))?;
+        drop(old_installed);
         let counters = match result {
             Ok(c) => c.or(prev_counters),
             Err(e) => {
@@ -437,11 +485,84 @@ impl ForwarderService {
                 counters,
                 mtu,
                 a_is_source,
+                chain: programmed.then_some(installed),
             },
         );
         let st = self.statuses(&reg, std::slice::from_ref(&id)).await;
         let status = st.into_iter().next().unwrap_or_default();
         tracing::info!(xconn = %id, state = status.state, mtu, "cross-connect programmed");
+        self.shared
+            .reported
+            .lock()
+            .await
+            .insert(id.clone(), status.state);
+        // Published under the registry lock: see `spawn_state_monitor`.
+        let _ = self.shared.events.send(pb::CrossConnectEvent {
+            r#type: pb::cross_connect_event::Type::Update as i32,
+            cross_connects: vec![status.clone()],
+        });
+        drop(reg);
+        Ok(status)
+    }
+
+    /// The chain-only update: builds `plan`'s chain here, swaps it in
+    /// between two batches and drops the old one here. The devices, the
+    /// WireGuard session and the cross-connect counters stay as they are.
+    async fn swap_chain(
+        &self,
+        mut reg: tokio::sync::MutexGuard<'_, Registry>,
+        req: pb::CrossConnect,
+        plan: Plan,
+    ) -> Result<pb::CrossConnectStatus, Refusal> {
+        let id = plan.id.clone();
+        if reg
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.plan.chain == plan.chain)
+        {
+            // Nothing to rebuild (e.g. the same namespace by another path):
+            // keep the chain and its state.
+            if let Some(e) = reg.entries.get_mut(&id) {
+                e.request = req;
+                e.plan = plan;
+            }
+            let st = self.statuses(&reg, std::slice::from_ref(&id)).await;
+            return Ok(st.into_iter().next().unwrap_or_default());
+        }
+        let Some(entry) = reg.entries.get(&id) else {
+            return Err(Refusal::new(tonic::Code::Internal, "entry vanished"));
+        };
+        let a_port = entry.pods[if entry.a_is_source { 0 } else { 1 }].map(|p| p.port);
+        let (new_chain, installed, delay) = build_chain(&plan.chain, &id, entry.mtu).await?;
+        let id_c = id.clone();
+        // Chain and delay change together, between two batches; what they
+        // replace comes back to be dropped here.
+        let (old_chain, old_delay) = self
+            .shared
+            .worker
+            .call(move |core| {
+                let old = core.dp.set_chain(&id_c, new_chain);
+                let old_delay = match (&old, a_port) {
+                    (Ok(_), Some(p)) => core.set_delay(p, delay),
+                    _ => Some(delay),
+                };
+                (old, old_delay)
+            })
+            .await
+            .map_err(|e| Refusal::new(tonic::Code::Internal, e.to_string()))?;
+        drop(old_delay);
+        drop(old_chain.map_err(|e| Refusal::new(tonic::Code::Internal, e.to_string()))?);
+        let Some(entry) = reg.entries.get_mut(&id) else {
+            return Err(Refusal::new(tonic::Code::Internal, "entry vanished"));
+        };
+        // The old mirrors stop after a last pass over their rings: the
+        // packet thread no longer writes to them.
+        drop(entry.chain.replace(installed));
+        entry.request = req;
+        entry.plan = plan;
+        let st = self.statuses(&reg, std::slice::from_ref(&id)).await;
+        let status = st.into_iter().next().unwrap_or_default();
+        tracing::info!(xconn = %id, functions = status.functions.len(), "chain swapped");
         self.shared
             .reported
             .lock()
@@ -542,6 +663,25 @@ impl ForwarderService {
             })
             .collect()
     }
+}
+
+/// [`chain::build`] on a blocking thread: a large ACL takes a while to
+/// index, and the runtime's threads also serve the other RPCs.
+/// The delay lines (for pods of `mtu`) are allocated there too.
+async fn build_chain(
+    plan: &plan::ChainPlan,
+    id: &str,
+    mtu: u32,
+) -> Result<(nsm_dataplane::Chain, chain::Installed, PortDelay), Refusal> {
+    let (plan, id) = (plan.clone(), id.to_string());
+    tokio::task::spawn_blocking(move || {
+        chain::build(&plan, &id).map(|(c, i)| {
+            let d = i.port_delay(mtu);
+            (c, i, d)
+        })
+    })
+    .await
+    .map_err(|e| Refusal::new(tonic::Code::Internal, format!("building the chain: {e}")))?
 }
 
 /// Whether the pod's namespace is still the one we created the device in.
@@ -744,6 +884,11 @@ fn status_of(
         mtu: e.mtu,
         counters: Some(counters.unwrap_or_default()),
         error,
+        functions: e
+            .chain
+            .as_ref()
+            .map(chain::Installed::counters)
+            .unwrap_or_default(),
     }
 }
 

@@ -33,6 +33,15 @@
 //!   superpacket, and one `sendmmsg` for everything queued, where runs of
 //!   equal-sized datagrams to one peer become single UDP GSO messages.
 //!
+//! # Added delay (`fault`)
+//! A port with a [`PortDelay`] (the kernel side A of a cross-connect whose
+//! chain has a `fault` delay) holds its traffic in [`DelayLine`]s: what
+//! the data plane produces from that pod's packets (forward), and what it
+//! produces for that pod (reverse), is copied into the line instead of
+//! being sent, and sent once due. The epoll timeout is cut to the earliest
+//! due time, so release is driven by the same loop. Delayed pod writes skip
+//! GRO (they leave one at a time anyway).
+//!
 //! No allocation, lock or log line per packet: buffers are allocated once
 //! here; I/O errors are counted and logged at most once per
 //! [`IO_ERROR_LOG_INTERVAL`].
@@ -48,6 +57,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use nsm_dataplane::stages::DelayLine;
 use nsm_dataplane::{Action, Dataplane, PortId, PortKind};
 
 use crate::offload;
@@ -110,6 +120,83 @@ pub struct IoCounters {
 /// What the control side runs on the packet thread.
 type Cmd = Box<dyn FnOnce(&mut Core) + Send>;
 
+/// Where a delayed output goes once due.
+#[derive(Debug, Clone, Copy)]
+enum Dest {
+    Pod(PortId),
+    Udp(std::net::SocketAddr),
+}
+
+/// The added delay of one pod port, built off the packet thread (the lines
+/// allocate every slot) and installed with [`Core::set_delay`].
+#[derive(Debug)]
+pub struct PortDelay {
+    /// Outputs made from this pod's packets.
+    forward: Option<DelayLine<Dest>>,
+    /// Outputs bound for this pod.
+    reverse: Option<DelayLine<Dest>>,
+    /// Outputs dropped because a line was full or a packet too big.
+    overflow: Arc<AtomicU64>,
+}
+
+impl PortDelay {
+    /// Lines of `slots` packets of up to `slot_size` bytes each, for the
+    /// nonzero delays; `overflow` counts what did not fit.
+    pub fn new(
+        forward: Duration,
+        reverse: Duration,
+        slots: usize,
+        slot_size: usize,
+        overflow: Arc<AtomicU64>,
+    ) -> Self {
+        let line = |d: Duration| (!d.is_zero()).then(|| DelayLine::new(d, slots, slot_size));
+        PortDelay {
+            forward: line(forward),
+            reverse: line(reverse),
+            overflow,
+        }
+    }
+
+    /// No delay (what removes one with [`Core::set_delay`]).
+    pub fn none() -> Self {
+        PortDelay {
+            forward: None,
+            reverse: None,
+            overflow: Arc::default(),
+        }
+    }
+
+    /// No line: nothing to delay.
+    pub fn is_empty(&self) -> bool {
+        self.forward.is_none() && self.reverse.is_none()
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        [&self.forward, &self.reverse]
+            .into_iter()
+            .flatten()
+            .filter_map(DelayLine::next_due)
+            .min()
+    }
+}
+
+/// Queues `action`'s output in `line` instead of sending it.
+fn delay_action(
+    line: &mut DelayLine<Dest>,
+    overflow: &AtomicU64,
+    now: Instant,
+    action: Action<'_>,
+) {
+    let (bytes, dest): (&[u8], Dest) = match action {
+        Action::ToUnderlay { dst, datagram } => (datagram, Dest::Udp(dst)),
+        Action::ToPod { port, packet } => (packet, Dest::Pod(port)),
+        Action::Drop(_) | Action::Done => return,
+    };
+    if line.push(now, bytes, dest).is_err() {
+        overflow.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A pod device as the loop sees it.
 #[derive(Debug)]
 struct Port {
@@ -132,6 +219,8 @@ pub struct Core {
     /// the epoll set so a dead fd cannot spin the loop, kept until the
     /// control side removes them.
     dead: Vec<PortId>,
+    /// Ports with an added delay; few, so a `Vec` searched linearly.
+    delays: Vec<(PortId, PortDelay)>,
     stop: bool,
 }
 
@@ -173,11 +262,27 @@ impl Core {
     /// Its cross-connect must have been removed first.
     pub fn remove_port(&mut self, id: PortId) {
         let _ = self.dp.remove_port(id);
+        self.delays.retain(|(p, _)| *p != id);
         self.dead.retain(|p| *p != id);
         if let Some(port) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
             let _ = self.epoll.delete(&port.file);
             drop(port);
         }
+    }
+
+    /// Installs (or with an empty one, removes) the added delay of pod
+    /// port `id`; returns the one it replaces, to be dropped by the caller
+    /// (off the packet thread). Packets still held by it are discarded.
+    pub fn set_delay(&mut self, id: PortId, delay: PortDelay) -> Option<PortDelay> {
+        let old = self
+            .delays
+            .iter()
+            .position(|(p, _)| *p == id)
+            .map(|i| self.delays.swap_remove(i).1);
+        if !delay.is_empty() {
+            self.delays.push((id, delay));
+        }
+        old
     }
 
     /// True when port `id`'s device failed and was taken out of the loop.
@@ -285,6 +390,7 @@ pub fn spawn(
         epoll,
         udp: udp.try_clone()?,
         dead: Vec::new(),
+        delays: Vec::new(),
         stop: false,
     };
     let join = std::thread::Builder::new()
@@ -395,7 +501,17 @@ impl Worker {
         tracing::debug!("packet thread running");
         while !self.core.stop {
             let now = Instant::now();
-            let timeout_ms = next_tick.saturating_duration_since(now).as_millis();
+            // Wake for the earliest delayed packet too (rounded up, so
+            // it is due when we wake).
+            let wake_at = self
+                .core
+                .delays
+                .iter()
+                .filter_map(|(_, d)| d.next_due())
+                .min()
+                .map_or(next_tick, |d| d.min(next_tick));
+            let until = wake_at.saturating_duration_since(now);
+            let timeout_ms = until.as_millis() + u128::from(until.subsec_nanos() % 1_000_000 != 0);
             let timeout = u16::try_from(timeout_ms).unwrap_or(u16::MAX);
             let n = match self.core.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -417,6 +533,9 @@ impl Worker {
                 }
             }
             let now = Instant::now();
+            if !self.core.delays.is_empty() {
+                self.release_due(now);
+            }
             if now >= next_tick {
                 self.timers(now);
                 next_tick = now + TICK;
@@ -465,6 +584,7 @@ impl Worker {
                     let slot = self.out.send.next_slot();
                     let base = slot.as_ptr() as usize;
                     let action = self.core.dp.from_underlay(now, src, datagram, slot);
+                    let action = delay_reverse(&mut self.core.delays, now, action);
                     if let Some((off, len, dst)) =
                         handle_action(action, base, &self.core.ports, &mut self.gro, &self.out.io)
                     {
@@ -514,6 +634,13 @@ impl Worker {
                 let slot = out.send.next_slot();
                 let base = slot.as_ptr() as usize;
                 let action = core.dp.from_pod(now, port, packet, slot);
+                let mut action = delay_reverse(&mut core.delays, now, action);
+                if let Some((_, d)) = core.delays.iter_mut().find(|(p, _)| *p == port)
+                    && let Some(line) = d.forward.as_mut()
+                {
+                    delay_action(line, &d.overflow, now, action);
+                    action = Action::Done;
+                }
                 if let Some((off, len, dst)) =
                     handle_action(action, base, &core.ports, gro, &out.io)
                 {
@@ -532,6 +659,32 @@ impl Worker {
         self.drain_flush(now);
         self.flush_gro();
         self.out.flush();
+    }
+
+    /// Sends every delayed output that is due.
+    fn release_due(&mut self, now: Instant) {
+        let Worker { core, out, seg, .. } = self;
+        for (_, d) in &mut core.delays {
+            for line in [&mut d.forward, &mut d.reverse].into_iter().flatten() {
+                while let Some((len, dest)) = line.pop_due(now, seg) {
+                    let bytes = &seg[..len];
+                    match dest {
+                        Dest::Pod(p) => {
+                            write_port(&core.ports, &out.io, p.0, &offload::WRITE_HDR, bytes);
+                        }
+                        Dest::Udp(dst) => {
+                            out.reserve();
+                            let slot = out.send.next_slot();
+                            if let Some(s) = slot.get_mut(..len) {
+                                s.copy_from_slice(bytes);
+                                out.send.commit(0, len, dst);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out.flush();
     }
 
     /// Writes the superpacket GRO holds, if any.
@@ -578,6 +731,26 @@ impl Worker {
         self.flush_gro();
         self.out.flush();
     }
+}
+
+/// Holds a pod-bound output in its port's reverse line, if it has one;
+/// returns what is left to carry out.
+fn delay_reverse<'a>(
+    delays: &mut [(PortId, PortDelay)],
+    now: Instant,
+    action: Action<'a>,
+) -> Action<'a> {
+    if delays.is_empty() {
+        return action;
+    }
+    if let Action::ToPod { port, .. } = &action
+        && let Some((_, d)) = delays.iter_mut().find(|(p, _)| p == port)
+        && let Some(line) = d.reverse.as_mut()
+    {
+        delay_action(line, &d.overflow, now, action);
+        return Action::Done;
+    }
+    action
 }
 
 /// Carries out one data-plane action. A pod-bound packet is written at

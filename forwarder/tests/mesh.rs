@@ -225,6 +225,7 @@ fn same_node_cross_connect_and_remove() {
                     &["203.0.113.2/24", "2001:db8:2::2/64"],
                     &[],
                 )),
+                chain: None,
             })
             .await
             .expect("program")
@@ -285,6 +286,7 @@ fn bad_requests_and_idempotence() {
                 &["198.51.100.2/32"],
             )),
             destination: Some(wireguard("192.0.2.2", "")),
+            chain: None,
         };
         let s1 = c.program(good.clone()).await.expect("program").into_inner();
         assert_eq!(s1.state, pb::cross_connect_status::State::Pending as i32);
@@ -314,6 +316,7 @@ fn bad_requests_and_idempotence() {
                 id: "bad".into(),
                 source: Some(kernel(&p2, "nsm-9", &["198.51.100.9/32"], &[])),
                 destination: Some(wireguard("192.0.2.2", "")),
+                chain: None,
             };
             f(&mut r);
             cases.push((r, code, needle));
@@ -409,6 +412,7 @@ fn bad_requests_and_idempotence() {
                     })),
                 }),
                 destination: Some(wireguard("192.0.2.2", "")),
+                chain: None,
             })
             .await
             .expect_err("refused by the kernel");
@@ -445,6 +449,7 @@ fn watch_reports_snapshot_updates_and_deletes() {
             id: "w1".into(),
             source: Some(kernel(&p1, "nsm-w", &["198.51.100.1/32"], &[])),
             destination: Some(wireguard("192.0.2.2", "")),
+            chain: None,
         })
         .await
         .expect("program");
@@ -488,6 +493,7 @@ fn interfaces_die_with_the_forwarder() {
                 id: id.into(),
                 source: Some(kernel(&p1, name, &["198.51.100.1/32"], &[])),
                 destination: Some(kernel(&p2, name, &["198.51.100.2/32"], &[])),
+                chain: None,
             })
             .await
             .expect("program");
@@ -695,6 +701,7 @@ fn same_node_ethernet_payload() {
                 &["203.0.113.2/24", "2001:db8:3::2/64"],
                 "02:fe:00:00:00:02",
             )),
+            chain: None,
         })
         .await
         .expect("program");
@@ -725,6 +732,7 @@ fn pod_namespace_or_interface_gone_reports_down() {
             id: "gone".into(),
             source: Some(kernel(&p1, "nsm-g", &["198.51.100.1/24"], &[])),
             destination: Some(kernel(&p2, "nsm-g", &["198.51.100.2/24"], &[])),
+            chain: None,
         })
         .await
         .expect("program");
@@ -763,6 +771,7 @@ fn pod_namespace_or_interface_gone_reports_down() {
             id: "deleted".into(),
             source: Some(kernel(&p1, "nsm-d", &["198.51.100.1/24"], &[])),
             destination: Some(kernel(&p3, "nsm-d", &["198.51.100.2/24"], &[])),
+            chain: None,
         })
         .await
         .expect("program");

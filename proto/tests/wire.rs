@@ -200,6 +200,7 @@ fn forwarder_side_oneof_numbers() {
             })),
         }),
         destination: None,
+        chain: None,
     };
     // CrossConnect.source = 2 { Side.kernel = 1 { KernelInterface.name = 2 } }
     let iface = string_field(0x12, "nsm-1");

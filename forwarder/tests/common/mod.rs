@@ -370,6 +370,7 @@ pub async fn connect_pair_via(
         id: id.into(),
         source: Some(a_side.clone()),
         destination: Some(wireguard(b_ip, key)),
+        chain: None,
     };
     let a1 = a.program(a_req("")).await.expect("program A").into_inner();
     assert_eq!(
@@ -382,6 +383,7 @@ pub async fn connect_pair_via(
             id: id.into(),
             source: Some(wireguard(a_ip, &a1.wireguard_public_key)),
             destination: Some(b_side),
+            chain: None,
         })
         .await
         .expect("program B")

@@ -26,8 +26,7 @@ pub struct ForwarderInfo {
 /// One connection through this forwarder: packets from the source side go
 /// out of the destination side and back. Filled by the manager.
 ///
-/// Field numbers 4 and up are free for later additions (e.g. the service
-/// function chain).
+/// Field numbers 5 and up are free for later additions.
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CrossConnect {
@@ -43,6 +42,196 @@ pub struct CrossConnect {
     /// endpoint's node).
     #[prost(message, optional, tag = "3")]
     pub destination: ::core::option::Option<Side>,
+    /// Built-in service functions every packet of this cross-connect passes
+    /// through on this forwarder, in order. Absent or empty = none. A Program
+    /// that changes only the chain (same id, same sides) keeps the interfaces,
+    /// the WireGuard session and the counters: the forwarder builds the new
+    /// chain off the packet thread and swaps it in between two batches. A bad
+    /// chain is refused with INVALID_ARGUMENT naming the element
+    /// ("chain\[1\] (ratelimit): rate must be > 0") and the chain in force stays.
+    /// Building resets the functions' state (flow tables, buckets, counters).
+    #[prost(message, optional, tag = "4")]
+    pub chain: ::core::option::Option<Chain>,
+}
+/// An ordered list of built-in functions. A function that drops a packet
+/// ends its trip; the rest do not see it.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Chain {
+    #[prost(message, repeated, tag = "1")]
+    pub functions: ::prost::alloc::vec::Vec<Function>,
+}
+/// One built-in function.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Function {
+    #[prost(oneof = "function::Kind", tags = "1, 2, 3, 4, 5, 6")]
+    pub kind: ::core::option::Option<function::Kind>,
+}
+/// Nested message and enum types in `Function`.
+pub mod function {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "1")]
+        Acl(super::Acl),
+        #[prost(message, tag = "2")]
+        Ratelimit(super::RateLimit),
+        #[prost(message, tag = "3")]
+        Nat44(super::Nat44),
+        #[prost(message, tag = "4")]
+        Mirror(super::Mirror),
+        #[prost(message, tag = "5")]
+        Counter(super::CounterFunction),
+        #[prost(message, tag = "6")]
+        Fault(super::Fault),
+    }
+}
+/// An inclusive port range. hi = 0 means a single port (hi = lo).
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PortRange {
+    #[prost(uint32, tag = "1")]
+    pub lo: u32,
+    #[prost(uint32, tag = "2")]
+    pub hi: u32,
+}
+/// Which packets a rule or mirror applies to. Unset fields match
+/// everything; set fields must all match. Port ranges need TCP, UDP or any
+/// protocol, and never match ICMP or later fragments.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FlowMatch {
+    #[prost(enumeration = "MatchProtocol", tag = "1")]
+    pub protocol: i32,
+    /// Source prefix in CIDR form ("10.0.0.0/8", "2001:db8::/32") or a bare
+    /// address (a host prefix); empty = any. No host bits may be set.
+    #[prost(string, tag = "2")]
+    pub src: ::prost::alloc::string::String,
+    /// Destination prefix, as src.
+    #[prost(string, tag = "3")]
+    pub dst: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "4")]
+    pub src_ports: ::core::option::Option<PortRange>,
+    #[prost(message, optional, tag = "5")]
+    pub dst_ports: ::core::option::Option<PortRange>,
+    #[prost(enumeration = "ChainDirection", tag = "6")]
+    pub direction: i32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AclRule {
+    #[prost(enumeration = "AclAction", tag = "1")]
+    pub action: i32,
+    #[prost(message, optional, tag = "2")]
+    pub r#match: ::core::option::Option<FlowMatch>,
+}
+/// Ordered rules, first match wins; no match takes default_action. Status
+/// counters: "rule\[i\]" (hits of rules\[i\]), "default", "allowed", "denied",
+/// "tracked", "conntrack_full".
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Acl {
+    #[prost(message, repeated, tag = "1")]
+    pub rules: ::prost::alloc::vec::Vec<AclRule>,
+    /// Default DENY.
+    #[prost(enumeration = "AclAction", tag = "2")]
+    pub default_action: i32,
+    /// Track flows: once a packet is allowed, the rest of its flow passes
+    /// both ways (replies too) without the rules. Absent = true.
+    #[prost(bool, optional, tag = "3")]
+    pub stateful: ::core::option::Option<bool>,
+    /// Flow-table size in flows when stateful; 0 = 65536. New flows are
+    /// dropped when it is full.
+    #[prost(uint32, tag = "4")]
+    pub conntrack_capacity: u32,
+    /// Seconds without packets after which a flow is forgotten; 0 = 120.
+    #[prost(uint32, tag = "5")]
+    pub idle_timeout_secs: u32,
+}
+/// Token-bucket policer, one bucket per direction. Status counters:
+/// "forward_passed_packets", "forward_dropped_packets", ... and \_bytes.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RateLimit {
+    /// Sustained rate in bits per second of IP packet; must be > 0.
+    #[prost(uint64, tag = "1")]
+    pub rate_bps: u64,
+    /// Bucket depth in bytes; 0 = max(10 ms at the rate, 18000). At least
+    /// 1500.
+    #[prost(uint64, tag = "2")]
+    pub burst_bytes: u64,
+    #[prost(enumeration = "ChainDirection", tag = "3")]
+    pub direction: i32,
+}
+/// Source NAT of IPv4 packets going forward (source to destination);
+/// replies are translated back. IPv6 passes untouched.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Nat44 {
+    /// The translated source address, IPv4 literal.
+    #[prost(string, tag = "1")]
+    pub address: ::prost::alloc::string::String,
+    /// Ports (and ICMP echo ids) to map to; absent = 1024-65535; 0 not
+    /// allowed.
+    #[prost(message, optional, tag = "2")]
+    pub ports: ::core::option::Option<PortRange>,
+    /// Mappings kept at most; 0 = 65536.
+    #[prost(uint32, tag = "3")]
+    pub capacity: u32,
+    /// Seconds without packets after which a mapping is forgotten; 0 = 120.
+    #[prost(uint32, tag = "4")]
+    pub idle_timeout_secs: u32,
+}
+/// Copies of matching packets, written by the forwarder to a pcap file
+/// (libpcap format, LINKTYPE_RAW: bare IP packets) that it creates with mode
+/// 0600, truncating an existing one. Copies that do not fit the ring before
+/// the forwarder drains it are lost and counted ("ring_full"); the packets
+/// themselves always pass. A new chain starts a new file.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Mirror {
+    /// Absolute path of the pcap file on the forwarder's host.
+    #[prost(string, tag = "1")]
+    pub pcap_path: ::prost::alloc::string::String,
+    /// Bytes kept per packet at most; 0 = 9216. At most 65535.
+    #[prost(uint32, tag = "2")]
+    pub snaplen: u32,
+    /// Ring size in packets; 0 = 512. slots * snaplen at most 256 MiB.
+    #[prost(uint32, tag = "3")]
+    pub slots: u32,
+    /// Which packets to copy; absent = all.
+    #[prost(message, optional, tag = "4")]
+    pub filter: ::core::option::Option<FlowMatch>,
+}
+/// Packets and bytes at this point of the chain, per direction.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CounterFunction {}
+/// Fault injection for resilience tests. Status counters: "seen",
+/// "dropped", "corrupted", "corrupt_skipped", "delay_overflow".
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, ::prost::Message)]
+pub struct Fault {
+    /// Percentage of packets to drop, 0..=100.
+    #[prost(double, tag = "1")]
+    pub drop_percent: f64,
+    /// Percentage of the packets not dropped that get one byte after the IP
+    /// header flipped, 0..=100.
+    #[prost(double, tag = "2")]
+    pub corrupt_percent: f64,
+    /// Added delay in milliseconds, 0..=10000 (default 0). The forwarder
+    /// holds the cross-connect's packets in a queue of 4096 packets per
+    /// direction; what does not fit is dropped and counted
+    /// ("delay_overflow"). Several faults' delays add up.
+    #[prost(uint32, tag = "3")]
+    pub delay_ms: u32,
+    #[prost(enumeration = "ChainDirection", tag = "4")]
+    pub direction: i32,
+    /// PRNG seed: equal seeds give equal decisions for equal traffic. 0 = a
+    /// fixed default seed.
+    #[prost(uint64, tag = "5")]
+    pub seed: u64,
 }
 /// One end of a cross-connect. Same node: two kernel sides. Across nodes: a
 /// kernel side and a wireguard side on each node.
@@ -172,6 +361,10 @@ pub struct CrossConnectStatus {
     /// Human-readable reason for STATE_FAILED or STATE_DOWN; empty otherwise.
     #[prost(string, tag = "8")]
     pub error: ::prost::alloc::string::String,
+    /// Counters of each function of the chain in force, in chain order
+    /// (empty without a chain, and while the cross-connect is PENDING).
+    #[prost(message, repeated, tag = "9")]
+    pub functions: ::prost::alloc::vec::Vec<FunctionCounters>,
 }
 /// Nested message and enum types in `CrossConnectStatus`.
 pub mod cross_connect_status {
@@ -226,6 +419,18 @@ pub mod cross_connect_status {
             }
         }
     }
+}
+/// The counters of one chain function since the chain was built.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct FunctionCounters {
+    /// The function: "acl", "ratelimit", "nat44", "mirror", "counter",
+    /// "fault".
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Counter name to value; each function's message documents its names.
+    #[prost(map = "string, uint64", tag = "2")]
+    pub counters: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
 }
 /// Traffic counters of one cross-connect since it was first programmed
 /// (updates keep them). Counted at the source side: rx is what the forwarder
@@ -329,6 +534,106 @@ pub mod cross_connect_event {
                 "TYPE_DELETE" => Some(Self::Delete),
                 _ => None,
             }
+        }
+    }
+}
+/// Which way across the cross-connect a function or rule applies to.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ChainDirection {
+    /// Both ways.
+    Both = 0,
+    /// From the source side to the destination side (client to endpoint).
+    Forward = 1,
+    /// From the destination side to the source side (endpoint to client).
+    Reverse = 2,
+}
+impl ChainDirection {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Both => "CHAIN_DIRECTION_BOTH",
+            Self::Forward => "CHAIN_DIRECTION_FORWARD",
+            Self::Reverse => "CHAIN_DIRECTION_REVERSE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "CHAIN_DIRECTION_BOTH" => Some(Self::Both),
+            "CHAIN_DIRECTION_FORWARD" => Some(Self::Forward),
+            "CHAIN_DIRECTION_REVERSE" => Some(Self::Reverse),
+            _ => None,
+        }
+    }
+}
+/// Upper-layer protocol of a match.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum MatchProtocol {
+    Any = 0,
+    /// ICMP for IPv4 (protocol 1); does not match ICMPv6.
+    Icmp = 1,
+    /// ICMPv6 (58).
+    Icmpv6 = 2,
+    Tcp = 3,
+    Udp = 4,
+}
+impl MatchProtocol {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Any => "MATCH_PROTOCOL_ANY",
+            Self::Icmp => "MATCH_PROTOCOL_ICMP",
+            Self::Icmpv6 => "MATCH_PROTOCOL_ICMPV6",
+            Self::Tcp => "MATCH_PROTOCOL_TCP",
+            Self::Udp => "MATCH_PROTOCOL_UDP",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "MATCH_PROTOCOL_ANY" => Some(Self::Any),
+            "MATCH_PROTOCOL_ICMP" => Some(Self::Icmp),
+            "MATCH_PROTOCOL_ICMPV6" => Some(Self::Icmpv6),
+            "MATCH_PROTOCOL_TCP" => Some(Self::Tcp),
+            "MATCH_PROTOCOL_UDP" => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum AclAction {
+    Deny = 0,
+    Allow = 1,
+}
+impl AclAction {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Deny => "ACL_ACTION_DENY",
+            Self::Allow => "ACL_ACTION_ALLOW",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ACL_ACTION_DENY" => Some(Self::Deny),
+            "ACL_ACTION_ALLOW" => Some(Self::Allow),
+            _ => None,
         }
     }
 }
