@@ -10,6 +10,7 @@
 //! failed ADD closes what it made), never panic on input, and never touch
 //! a namespace beyond CHECK's reads.
 
+pub mod fuzzing;
 pub mod manager;
 pub mod netns;
 pub mod plugin;

@@ -90,7 +90,7 @@ impl From<OneOrMany> for Vec<IpNet> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawService {
     name: String,
@@ -107,6 +107,9 @@ struct RawService {
 struct RawConfig {
     #[serde(default)]
     services: Vec<RawService>,
+    /// Who may request what (see [`crate::authz`]); absent = allow all.
+    #[serde(default)]
+    authorization: Option<crate::authz::Policy>,
 }
 
 /// A validated network service definition.
@@ -127,6 +130,9 @@ pub struct ServiceConfig {
 pub struct Config {
     /// Services in file order.
     pub services: Vec<ServiceConfig>,
+    /// The `authorization:` section; `None` = every caller may request
+    /// every service.
+    pub authorization: Option<crate::authz::Policy>,
 }
 
 impl Config {
@@ -154,7 +160,7 @@ impl Config {
         })?;
         let mut names = BTreeSet::new();
         let mut services = Vec::new();
-        for (index, s) in raw.services.into_iter().enumerate() {
+        for (index, s) in raw.services.iter().cloned().enumerate() {
             let invalid = |reason: String| ConfigError::Invalid {
                 path: origin.to_string(),
                 index,
@@ -195,7 +201,10 @@ impl Config {
                 excluded: excluded.into_iter().map(|n| n.trunc()).collect(),
             });
         }
-        Ok(Config { services })
+        Ok(Config {
+            services,
+            authorization: raw.authorization,
+        })
     }
 }
 

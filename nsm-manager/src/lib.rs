@@ -26,14 +26,22 @@
 //! - [`config`]: the registry manager's `--config` file;
 //! - [`store`]: the durable tables under `--state-dir`;
 //! - [`endpoint`]: the minimal NSE behind `nsm-endpoint`;
-//! - [`util`]: ids, timestamps, dialing URLs.
+//! - [`util`]: ids, timestamps, dialing URLs;
+//! - [`identity`]: the mesh CA, SPIFFE certificates, reloading them;
+//! - [`tls`]: mTLS between managers (rustls);
+//! - [`token`]: signed path segments (ES256 JWT) and their verification;
+//! - [`authz`]: the authorization policy and registry ownership;
+//! - [`fuzzing`]: entry points of the fuzz targets (and their corpus replay).
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod forwarder;
+pub mod fuzzing;
+pub mod identity;
 pub mod ipam;
 pub mod manager;
 pub mod netns;
@@ -42,6 +50,8 @@ pub mod registry;
 pub mod select;
 pub mod server;
 pub mod store;
+pub mod tls;
+pub mod token;
 pub mod util;
 
 /// Parses `k=v,k2=v2` (empty string = no labels).
@@ -57,4 +67,30 @@ pub fn parse_labels(s: &str) -> Result<std::collections::HashMap<String, String>
             _ => Err(format!("label `{i}` is not key=value")),
         })
         .collect()
+}
+
+/// Parses a duration like `600s`, `10m`, `1h` or `250ms` (a bare number is
+/// seconds); zero is refused.
+///
+/// # Errors
+/// A message naming the input.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 600s or 10m"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("`{s}`: unit must be ms, s, m or h")),
+    }
+    .ok_or_else(|| format!("`{s}` is too long"))?;
+    if ms == 0 {
+        return Err("the duration must be positive".into());
+    }
+    Ok(std::time::Duration::from_millis(ms))
 }

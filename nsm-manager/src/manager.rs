@@ -46,16 +46,20 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tonic::Status;
 
+use crate::authz::Principal;
 use crate::forwarder::{Forwarder, ForwarderError};
 use crate::ipam::{IpamBackend, IpamError};
 use crate::netns::{self, NetnsError, NetnsRef};
 use crate::registry::{LocalEndpoints, RegistryBackend};
 use crate::select::{self, SelectError};
 use crate::store::{Pb, StoreError, Table};
+use crate::tls::PeerInfo;
+use crate::token;
 use crate::util::{Channels, to_ts};
 
-/// Token placeholder in our path segments: nsm-rs does not sign tokens yet
-/// (NSM uses SPIFFE JWTs); the field is kept so NSM peers see a value.
+/// Token placeholder in our path segments in insecure mode (no identity
+/// configured); with an identity each segment carries an ES256 JWT
+/// (see [`crate::token`]).
 pub const TOKEN_PLACEHOLDER: &str = "nsm-rs-unsigned";
 
 /// Why a Request failed; every variant names what and why.
@@ -110,6 +114,15 @@ pub enum RequestError {
     /// The connection table could not be written.
     #[error("connection table: {0}")]
     Store(#[from] StoreError),
+    /// A path token failed verification, or the policy does not allow the
+    /// caller this service: nothing was set up.
+    #[error("permission denied for network service `{service}`: {why}")]
+    Denied {
+        /// The service asked for.
+        service: String,
+        /// Why (never secret: token contents are not echoed).
+        why: String,
+    },
 }
 
 impl From<RequestError> for Status {
@@ -135,6 +148,7 @@ impl From<RequestError> for Status {
             }
             RequestError::Registry(s) => Status::new(s.code(), msg),
             RequestError::Store(_) => Status::internal(msg),
+            RequestError::Denied { .. } => Status::permission_denied(msg),
         }
     }
 }
@@ -150,6 +164,11 @@ pub struct Settings {
     pub forwarder: PathBuf,
     /// Lifetime of our path segments (and so of unrefreshed connections).
     pub max_token_lifetime: Duration,
+    /// mTLS and token signing; `None` = insecure mode (no identity: plain
+    /// TCP to peers, unsigned path segments).
+    pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Who may request what; `None` = everyone may request everything.
+    pub policy: Option<crate::authz::Policy>,
 }
 
 /// Where this connection's client is.
@@ -191,6 +210,11 @@ pub struct Record {
     pub expires_ms: u64,
     /// Last (re)request, ms since the epoch (drives self-refresh).
     pub refreshed_ms: u64,
+    /// Who asked for it ([`Principal::owner_key`]): only they may refresh
+    /// or close it. `None` for the manager's own connections (pods) and
+    /// records from before this field.
+    #[serde(default)]
+    pub requester: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -365,12 +389,12 @@ impl Manager {
     ) -> Result<Manager, StoreError> {
         Ok(Manager {
             forwarder: Forwarder::new(&settings.forwarder),
+            channels: Channels::new(settings.tls.clone()),
             settings,
             conns: Table::open(state_dir, "connections")?,
             local_nses,
             registry,
             ipam,
-            channels: Channels::default(),
             events: broadcast::channel(1024).0,
             locks: Mutex::new(HashMap::new()),
             rr: AtomicUsize::new(0),
@@ -409,9 +433,112 @@ impl Manager {
         req: NetworkServiceRequest,
         managed: bool,
     ) -> Result<Connection, RequestError> {
-        self.request_inner(req, managed, false)
+        self.request_inner(req, managed, false, None)
             .await
             .map(Option::unwrap_or_default)
+    }
+
+    /// [`Manager::request`] from a caller the transport identified (`peer`:
+    /// its mTLS identity, when it came over TCP with TLS). The path tokens
+    /// before our segment are verified and the policy consulted before
+    /// anything is allocated or programmed.
+    ///
+    /// # Errors
+    /// [`RequestError::Denied`], or as [`Manager::request`].
+    pub async fn request_from(
+        &self,
+        req: NetworkServiceRequest,
+        managed: bool,
+        who: &Principal,
+        peer: Option<&PeerInfo>,
+    ) -> Result<Connection, RequestError> {
+        self.request_inner(req, managed, false, Some((who, peer)))
+            .await
+            .map(Option::unwrap_or_default)
+    }
+
+    /// Checks the caller's right to this request: the signed path (with an
+    /// identity configured) and the authorization policy.
+    fn admit(
+        &self,
+        conn: &Connection,
+        path: &Path,
+        prev: u32,
+        who: &Principal,
+        peer: Option<&PeerInfo>,
+    ) -> Result<(), RequestError> {
+        let denied = |why: String| RequestError::Denied {
+            service: conn.network_service.clone(),
+            why,
+        };
+        if let Some(tls) = &self.settings.tls {
+            let id = tls.identity();
+            let caller = match peer {
+                Some(p) => token::Caller::Peer {
+                    id: &p.spiffe_id,
+                    cert: &p.cert,
+                },
+                None => token::Caller::Local,
+            };
+            token::verify_path(
+                path,
+                prev as usize,
+                path.index as usize,
+                caller,
+                &id.id,
+                &id.roots,
+                SystemTime::now(),
+            )
+            .map_err(|e| denied(e.to_string()))?;
+        }
+        if let Some(policy) = &self.settings.policy
+            && !policy.allows(who, &conn.network_service, &conn.labels)
+        {
+            return Err(denied(format!(
+                "the authorization policy does not allow {}",
+                who.owner_key()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Puts a token for `aud` into our segment of `conn` (the one at
+    /// `path.index`), expiring with the segment; a no-op without identity.
+    fn sign_segment(&self, conn: &mut Connection, aud: &str) -> Result<(), RequestError> {
+        let Some(tls) = &self.settings.tls else {
+            return Ok(());
+        };
+        let id = tls.identity();
+        let Some(p) = conn.path.as_mut() else {
+            return Ok(());
+        };
+        let i = p.index as usize;
+        if let Some(seg) = p.path_segments.get_mut(i) {
+            let exp = seg
+                .expires
+                .as_ref()
+                .map_or(id.not_after, crate::util::from_ts);
+            seg.token = token::sign(&id, aud, &seg.id, SystemTime::now(), exp).map_err(|_| {
+                RequestError::Denied {
+                    service: conn.network_service.clone(),
+                    why: "cannot sign our path segment (RNG failure)".into(),
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The SPIFFE ID of the peer manager at `url` (our token's audience).
+    async fn peer_audience(&self, url: &str, nse: &str) -> Result<String, RequestError> {
+        let Some(tls) = &self.settings.tls else {
+            return Ok(String::new());
+        };
+        let addr = url.strip_prefix("tcp://").unwrap_or(url);
+        tls.peer_id(addr).await.map_err(|e| RequestError::Peer {
+            name: nse.to_string(),
+            url: url.to_string(),
+            status: Status::unavailable(format!("mTLS: {e}")),
+        })
     }
 
     /// [`Manager::request`]; with `only_refresh`, a connection closed in the
@@ -421,6 +548,7 @@ impl Manager {
         req: NetworkServiceRequest,
         managed: bool,
         only_refresh: bool,
+        caller: Option<(&Principal, Option<&PeerInfo>)>,
     ) -> Result<Option<Connection>, RequestError> {
         let mut conn = req.connection.clone().unwrap_or_default();
         let service = conn.network_service.clone();
@@ -432,6 +560,12 @@ impl Manager {
             return Err(bad("network_service is empty"));
         }
         let (path, prev_index) = update_path(conn.path.take(), &self.settings.name, &conn.id);
+        if let Some((who, peer)) = caller
+            && let Err(e) = self.admit(&conn, &path, prev_index, who, peer)
+        {
+            tracing::warn!(service = %service, error = %e, "request refused");
+            return Err(e);
+        }
         let idx = path.index as usize;
         let id = path.path_segments[idx].id.clone();
         let lock = self.lock_for(&id);
@@ -440,9 +574,28 @@ impl Manager {
         if only_refresh && existing.is_none() {
             return Ok(None);
         }
+        // A connection id is not a capability: refreshing someone else's
+        // connection (to re-point it) is refused like any other denial.
+        let requester = caller
+            .map(|(who, _)| who)
+            .filter(|w| !matches!(w, Principal::Internal))
+            .map(Principal::owner_key);
+        if let (Some(r), Some(Some(owner))) = (&requester, existing.as_ref().map(|e| &e.requester))
+            && r != owner
+        {
+            tracing::warn!(id = %id, service = %service, caller = %r, "refresh of another identity's connection refused");
+            return Err(RequestError::Denied {
+                service,
+                why: "the connection belongs to another identity".into(),
+            });
+        }
         conn.id = id.clone();
         conn.path = Some(path);
         let mut expires = SystemTime::now() + self.settings.max_token_lifetime;
+        // Our token, and so our segment, never outlives our certificate.
+        if let Some(tls) = &self.settings.tls {
+            expires = expires.min(tls.identity().not_after);
+        }
         // As NSM servers do, the connection lives no longer than the previous
         // hop's token: that hop refreshes before its own expiry.
         if prev_index as usize != idx
@@ -495,6 +648,10 @@ impl Manager {
             rec.conn.0.path = conn.path.clone();
         }
         rec.managed = managed || existing.as_ref().is_some_and(|e| e.managed);
+        rec.requester = existing
+            .as_ref()
+            .and_then(|e| e.requester.clone())
+            .or(requester);
         rec.preferences = req.mechanism_preferences.iter().cloned().map(Pb).collect();
         rec.expires_ms = dur_ms(expires.duration_since(UNIX_EPOCH).unwrap_or_default());
         rec.refreshed_ms = now_ms();
@@ -515,6 +672,18 @@ impl Manager {
         tracing::info!(id = %id, service = %service, endpoint = %rec.endpoint_name, remote = rec.remote, "connection up");
         self.emit(ConnectionEventType::Update, &rec.conn.0);
         Ok(Some(rec.conn.0))
+    }
+
+    /// The payload a connection carries: the request's, else its service's
+    /// (NSM clients usually leave it to the registry), else IP.
+    async fn payload_of(&self, conn: &Connection) -> String {
+        if !conn.payload.is_empty() {
+            return conn.payload.clone();
+        }
+        match self.registry.get_service(&conn.network_service).await {
+            Ok(Some(ns)) if !ns.payload.is_empty() => ns.payload,
+            _ => mechanisms::payload::IP.to_string(),
+        }
     }
 
     async fn pick_endpoint(
@@ -587,6 +756,10 @@ impl Manager {
         let mut c = conn.clone();
         c.network_service_endpoint_name = nse_name.to_string();
         c.mechanism = None;
+        // Local endpoints have no SPIFFE identity here: the audience is the
+        // name they registered (they are reached over our unix socket's
+        // trust, not over the network).
+        self.sign_segment(&mut c, nse_name)?;
         let params = [(kernel::NAME.to_string(), nse_ifname(&conn.id))].into();
         let mut req = tonic::Request::new(NetworkServiceRequest {
             connection: Some(c),
@@ -660,11 +833,7 @@ impl Manager {
         })?;
         let nse = self.pick_endpoint(conn, existing, false).await?;
         self.close_old_endpoint(existing, &nse.name).await;
-        let payload = if conn.payload.is_empty() {
-            mechanisms::payload::IP.to_string()
-        } else {
-            conn.payload.clone()
-        };
+        let payload = self.payload_of(conn).await;
         // Addresses: this manager owns the lease of a connection it started.
         let mut ipc = ip_context(conn);
         let exclude: Vec<IpNet> = ipc
@@ -733,6 +902,8 @@ impl Manager {
                     &ipc.dst_routes,
                     mtu,
                 )),
+                // No service chain from the manager yet: the forwarder's default.
+                ..Default::default()
             };
             if let Err(e) = self.forwarder.program(xc.clone()).await {
                 if new {
@@ -760,6 +931,7 @@ impl Manager {
                 managed: false,
                 expires_ms: 0,
                 refreshed_ms: 0,
+                requester: None,
             });
         }
 
@@ -784,6 +956,7 @@ impl Manager {
             id: conn.id.clone(),
             source: Some(client_side),
             destination: Some(wg_side(&pip, pport, &pkey)),
+            ..Default::default()
         };
         let st: CrossConnectStatus = match self.forwarder.program(xc.clone()).await {
             Ok(st) => st,
@@ -819,6 +992,11 @@ impl Manager {
                 .channels
                 .get(&peer_url)
                 .map_err(|e| peer_fail(Status::invalid_argument(e.to_string())))?;
+            // Signed for the peer we are about to call, as the identity its
+            // mTLS handshake shows: it checks both against each other.
+            let mut fwd = fwd;
+            let aud = self.peer_audience(&peer_url, &nse.name).await?;
+            self.sign_segment(&mut fwd, &aud)?;
             let mut req = tonic::Request::new(NetworkServiceRequest {
                 connection: Some(fwd),
                 mechanism_preferences: vec![mech(mechanisms::WIREGUARD, cls::REMOTE, params)],
@@ -893,6 +1071,7 @@ impl Manager {
             managed: false,
             expires_ms: 0,
             refreshed_ms: 0,
+            requester: None,
         })
     }
 
@@ -920,11 +1099,7 @@ impl Manager {
             url: nse.url.clone(),
             status: Status::unavailable("endpoint is registered here but its local URL is unknown"),
         })?;
-        let payload = if conn.payload.is_empty() {
-            mechanisms::payload::IP.to_string()
-        } else {
-            conn.payload.clone()
-        };
+        let payload = self.payload_of(conn).await;
         let mut out = conn.clone();
         out.payload = payload.clone();
         out.network_service_endpoint_name = nse.name.clone();
@@ -942,6 +1117,7 @@ impl Manager {
                 &ipc.dst_routes,
                 mtu,
             )),
+            ..Default::default()
         };
         let st = match self.forwarder.program(xc.clone()).await {
             Ok(st) => st,
@@ -989,6 +1165,7 @@ impl Manager {
             managed: false,
             expires_ms: 0,
             refreshed_ms: 0,
+            requester: None,
         })
     }
 
@@ -1042,6 +1219,43 @@ impl Manager {
         self.close_id(&id, "closed").await
     }
 
+    /// [`Manager::close`] from a caller the transport identified: refused
+    /// when the connection was requested by another identity (a peer
+    /// manager, or a local uid), so that knowing an id is not enough to
+    /// tear a connection down.
+    ///
+    /// # Errors
+    /// PermissionDenied, or Internal when the table cannot be updated.
+    pub async fn close_from(&self, conn: &Connection, who: &Principal) -> Result<(), Status> {
+        let id = self.resolve_id(conn);
+        if !matches!(who, Principal::Internal)
+            && let Some(Some(owner)) = self.conns.get(&id).map(|r| r.requester)
+            && owner != who.owner_key()
+        {
+            tracing::warn!(id = %id, caller = %who.owner_key(), "close of another identity's connection refused");
+            return Err(Status::permission_denied(
+                "the connection belongs to another identity",
+            ));
+        }
+        self.close_id(&id, "closed")
+            .await
+            .map_err(|e| Status::internal(format!("close: {e}")))
+    }
+
+    fn resolve_id(&self, conn: &Connection) -> String {
+        let id = self.our_id(conn);
+        if self.conns.get(&id).is_some() {
+            return id;
+        }
+        // A bare id (e.g. `nsmctl close ID`) may be the caller's id, as
+        // returned in the reply, rather than ours.
+        self.conns
+            .all()
+            .into_iter()
+            .find(|(_, r)| r.conn.0.id == conn.id)
+            .map_or(id, |(ours, _)| ours)
+    }
+
     async fn close_id(&self, id: &str, why: &str) -> Result<(), StoreError> {
         let lock = self.lock_for(id);
         let guard = lock.lock().await;
@@ -1092,7 +1306,9 @@ impl Manager {
             connection: Some(rec.conn.0.clone()),
             mechanism_preferences: rec.preferences.iter().map(|p| p.0.clone()).collect(),
         };
-        self.request_inner(req, rec.managed, true).await.map(|_| ())
+        self.request_inner(req, rec.managed, true, None)
+            .await
+            .map(|_| ())
     }
 
     /// Re-programs every connection the forwarder lacks (after its restart,

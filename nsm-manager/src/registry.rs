@@ -32,6 +32,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::authz::{MD_ON_BEHALF, Principal, principal_of};
 use crate::select::is_subset;
 use crate::store::{Pb, StoreError, Table};
 use crate::util::{from_ts, to_ts};
@@ -71,6 +72,9 @@ pub struct RegistryStore {
     ns_events: broadcast::Sender<NetworkServiceResponse>,
     nse_events: broadcast::Sender<NetworkServiceEndpointResponse>,
     nse_lifetime: Duration,
+    /// Endpoint name -> owner key ([`Principal::owner_key`]) of whoever
+    /// registered it first: only they may update or remove it.
+    owners: Arc<Table<String>>,
 }
 
 impl RegistryStore {
@@ -86,6 +90,7 @@ impl RegistryStore {
             ns_events: broadcast::channel(1024).0,
             nse_events: broadcast::channel(1024).0,
             nse_lifetime,
+            owners: Table::open(dir, "registry-owners")?,
         })
     }
 
@@ -173,11 +178,57 @@ impl RegistryStore {
         Ok(nse)
     }
 
+    /// Refuses `who` when the endpoint `name` is registered and owned by
+    /// someone else (an entry whose owner is unknown, e.g. from before
+    /// owners were recorded, is adopted by the next registrant).
+    fn check_owner(&self, name: &str, who: &Principal) -> Result<(), Status> {
+        if matches!(who, Principal::Internal) || self.endpoints.get(name).is_none() {
+            return Ok(());
+        }
+        match self.owners.get(name) {
+            Some(o) if o != who.owner_key() => Err(Status::permission_denied(format!(
+                "endpoint `{name}` is registered by another identity"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`RegistryStore::register_nse`] on behalf of `who`, who becomes the
+    /// owner of a new entry and must be the owner of an existing one.
+    ///
+    /// # Errors
+    /// PermissionDenied for another owner's entry; as `register_nse`.
+    pub fn register_nse_as(
+        &self,
+        nse: NetworkServiceEndpoint,
+        who: &Principal,
+    ) -> Result<NetworkServiceEndpoint, Status> {
+        self.check_owner(&nse.name, who)?;
+        let name = nse.name.clone();
+        let out = self.register_nse(nse)?;
+        if !matches!(who, Principal::Internal) {
+            self.owners
+                .put(&name, who.owner_key())
+                .map_err(store_status)?;
+        }
+        Ok(out)
+    }
+
+    /// [`RegistryStore::unregister_nse`] on behalf of `who` (the owner).
+    ///
+    /// # Errors
+    /// PermissionDenied for another owner's entry; a store error.
+    pub fn unregister_nse_as(&self, name: &str, who: &Principal) -> Result<(), Status> {
+        self.check_owner(name, who)?;
+        self.unregister_nse(name)
+    }
+
     /// Removes an endpoint by name (no-op when unknown).
     ///
     /// # Errors
     /// A store error.
     pub fn unregister_nse(&self, name: &str) -> Result<(), Status> {
+        let _ = self.owners.remove(name);
         if let Some(Pb(old)) = self.endpoints.remove(name).map_err(store_status)? {
             let _ = self.nse_events.send(NetworkServiceEndpointResponse {
                 network_service_endpoint: Some(old),
@@ -345,6 +396,18 @@ pub enum RegistryBackend {
     Remote(Channel),
 }
 
+/// A request to the registry manager carrying the local principal we
+/// forward for (it scopes the claim under our own identity).
+fn on_behalf<T>(msg: T, who: &Principal) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Principal::Local { .. } = who
+        && let Ok(v) = who.owner_key().parse()
+    {
+        r.metadata_mut().insert(MD_ON_BEHALF, v);
+    }
+    r
+}
+
 fn collect_status(s: Status) -> Status {
     Status::new(s.code(), format!("registry: {}", s.message()))
 }
@@ -415,13 +478,14 @@ impl RegistryBackend {
     pub async fn register_nse(
         &self,
         nse: NetworkServiceEndpoint,
+        who: &Principal,
     ) -> Result<NetworkServiceEndpoint, Status> {
         match self {
-            RegistryBackend::Local(s) => s.register_nse(nse),
+            RegistryBackend::Local(s) => s.register_nse_as(nse, who),
             RegistryBackend::Kube(k) => k.register_nse(nse).await,
             RegistryBackend::Remote(ch) => {
                 Ok(NetworkServiceEndpointRegistryClient::new(ch.clone())
-                    .register(nse)
+                    .register(on_behalf(nse, who))
                     .await
                     .map_err(collect_status)?
                     .into_inner())
@@ -433,13 +497,17 @@ impl RegistryBackend {
     ///
     /// # Errors
     /// The registry's error.
-    pub async fn unregister_nse(&self, nse: NetworkServiceEndpoint) -> Result<(), Status> {
+    pub async fn unregister_nse(
+        &self,
+        nse: NetworkServiceEndpoint,
+        who: &Principal,
+    ) -> Result<(), Status> {
         match self {
-            RegistryBackend::Local(s) => s.unregister_nse(&nse.name),
+            RegistryBackend::Local(s) => s.unregister_nse_as(&nse.name, who),
             RegistryBackend::Kube(k) => k.unregister_nse(&nse.name).await,
             RegistryBackend::Remote(ch) => {
                 NetworkServiceEndpointRegistryClient::new(ch.clone())
-                    .unregister(nse)
+                    .unregister(on_behalf(nse, who))
                     .await
                     .map_err(collect_status)?;
                 Ok(())
@@ -585,9 +653,10 @@ impl NetworkServiceEndpointRegistry for NseRegistryServer {
         &self,
         r: Request<NetworkServiceEndpoint>,
     ) -> Result<Response<NetworkServiceEndpoint>, Status> {
+        let who = principal_of(&r);
         let mut nse = r.into_inner();
         let Some((advertise, local)) = &self.rewrite else {
-            return Ok(Response::new(self.backend.register_nse(nse).await?));
+            return Ok(Response::new(self.backend.register_nse(nse, &who).await?));
         };
         let own_url = nse.url.clone();
         if !own_url.is_empty() && own_url != *advertise {
@@ -598,7 +667,7 @@ impl NetworkServiceEndpointRegistry for NseRegistryServer {
                 .map_err(|e| Status::internal(format!("local endpoint table: {e}")))?;
             nse.url = advertise.clone();
         }
-        let mut out = self.backend.register_nse(nse).await?;
+        let mut out = self.backend.register_nse(nse, &who).await?;
         // The endpoint gets its own URL back, as NSM's nsmgr does.
         if !own_url.is_empty() {
             out.url = own_url;
@@ -614,12 +683,16 @@ impl NetworkServiceEndpointRegistry for NseRegistryServer {
     }
 
     async fn unregister(&self, r: Request<NetworkServiceEndpoint>) -> Result<Response<()>, Status> {
+        let who = principal_of(&r);
         let mut nse = r.into_inner();
-        if let Some((advertise, local)) = &self.rewrite {
+        // Ownership first: a refused Unregister must not forget the local URL.
+        self.backend.unregister_nse(nse.clone(), &who).await?;
+        if let Some((_, local)) = &self.rewrite {
             let _ = local.remove(&nse.name);
+        }
+        if let Some((advertise, _)) = &self.rewrite {
             nse.url = advertise.clone();
         }
-        self.backend.unregister_nse(nse).await?;
         Ok(Response::new(()))
     }
 }
@@ -691,7 +764,9 @@ mod tests {
     async fn watch_sees_later_changes_and_expiry() {
         let store = Arc::new(RegistryStore::open(None, Duration::from_secs(60)).unwrap());
         let b = RegistryBackend::Local(store.clone());
-        b.register_nse(nse("a", "tcp://x")).await.unwrap();
+        b.register_nse(nse("a", "tcp://x"), &Principal::Internal)
+            .await
+            .unwrap();
         assert!(
             b.get_service("s").await.unwrap().is_some(),
             "service auto-created"
@@ -713,7 +788,9 @@ mod tests {
                 .name,
             "a"
         );
-        b.register_nse(nse("b", "tcp://y")).await.unwrap();
+        b.register_nse(nse("b", "tcp://y"), &Principal::Internal)
+            .await
+            .unwrap();
         assert_eq!(
             w.next()
                 .await

@@ -26,13 +26,16 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
+use crate::authz::principal_of;
 use crate::cluster::{ClusterOptions, KubeRegistry};
 use crate::config::Config;
+use crate::identity::{IdentityError, IdentityPaths, IdentitySource};
 use crate::ipam::{Ipam, IpamBackend, IpamServer};
 use crate::manager::{Manager, Settings};
 use crate::pods::{NodePods, PodsServer};
 use crate::registry::{NsRegistryServer, NseRegistryServer, RegistryBackend, RegistryStore};
 use crate::store::{StoreError, Table};
+use crate::tls::{Tls, peer_of};
 
 /// gRPC metadata a client sets to have the manager refresh the connection
 /// itself until Close (value `true`).
@@ -63,6 +66,29 @@ pub struct Options {
     /// about this node's pods (`None`: the embedded registry). IPAM stays
     /// with `registry` (or this manager's `config` when that is `None`).
     pub cluster: Option<ClusterOptions>,
+    /// Identity, mTLS and token settings.
+    pub security: Security,
+}
+
+/// Identity settings of a manager.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// Certificate, key and trust bundle files. `None` = insecure mode:
+    /// plain TCP between managers, unsigned path segments. Only for the
+    /// embedded default until identities are provisioned; never across an
+    /// untrusted network.
+    pub identity: Option<IdentityPaths>,
+    /// How often the identity files are checked for a rotation.
+    pub reload_period: Duration,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security {
+            identity: None,
+            reload_period: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Why a manager cannot start.
@@ -82,6 +108,9 @@ pub enum StartError {
     /// `--registry` is not a usable URL.
     #[error("--registry: {0}")]
     Registry(#[from] crate::util::BadUrl),
+    /// The identity files are unusable.
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
     /// The state directory cannot be created.
     #[error("state directory {path}: {source}")]
     StateDir {
@@ -192,8 +221,20 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
         .unwrap_or_else(|| default_advertise(peer_addr));
 
     // IPAM: the manager named by --registry owns it, or this one (--config pools).
+    let tls = match &opts.security.identity {
+        Some(paths) => Some(Tls::new(IdentitySource::load(paths.clone())?)),
+        None => {
+            tracing::warn!(
+                "no identity configured: peer links are plain TCP and path segments unsigned (insecure mode)"
+            );
+            None
+        }
+    };
     let (ipam_backend, ipam_local) = match &opts.registry {
-        Some(url) => (IpamBackend::Remote(crate::util::channel(url)?), None),
+        Some(url) => (
+            IpamBackend::Remote(crate::util::channel_tls(url, tls.as_ref())?),
+            None,
+        ),
         None => {
             let ipam = Arc::new(Ipam::open(dir, &opts.config.services)?);
             (IpamBackend::Local(ipam.clone()), Some(ipam))
@@ -218,7 +259,10 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
         kube_registry = Some(k.clone());
         (RegistryBackend::Kube(k), None)
     } else if let Some(url) = &opts.registry {
-        (RegistryBackend::Remote(crate::util::channel(url)?), None)
+        (
+            RegistryBackend::Remote(crate::util::channel_tls(url, tls.as_ref())?),
+            None,
+        )
     } else {
         let store = Arc::new(RegistryStore::open(dir, opts.max_token_lifetime)?);
         for s in &opts.config.services {
@@ -242,6 +286,8 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
         advertise_url: advertise_url.clone(),
         forwarder: opts.forwarder.clone(),
         max_token_lifetime: opts.max_token_lifetime,
+        tls: tls.clone(),
+        policy: opts.config.authorization.clone(),
     };
     let manager = Arc::new(Manager::open(
         settings,
@@ -292,21 +338,37 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let unix_srv = router(true).serve_with_incoming_shutdown(unix, signal(stop_rx.clone()));
-    let tcp_srv = router(false).serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(tcp),
-        signal(stop_rx.clone()),
-    );
+    let tcp_task = match &tls {
+        // Only peers with a certificate of our trust domain get through the
+        // handshake; their identity rides along into every request.
+        Some(tls) => {
+            let srv = router(false)
+                .serve_with_incoming_shutdown(tls.incoming(tcp), signal(stop_rx.clone()));
+            tokio::spawn(async move {
+                if let Err(e) = srv.await {
+                    tracing::error!(error = %e, "TCP (mTLS) listener failed");
+                }
+            })
+        }
+        None => {
+            let srv = router(false).serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(tcp),
+                signal(stop_rx.clone()),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = srv.await {
+                    tracing::error!(error = %e, "TCP listener failed");
+                }
+            })
+        }
+    };
     let servers = vec![
         tokio::spawn(async move {
             if let Err(e) = unix_srv.await {
                 tracing::error!(error = %e, "unix listener failed");
             }
         }),
-        tokio::spawn(async move {
-            if let Err(e) = tcp_srv.await {
-                tracing::error!(error = %e, "TCP listener failed");
-            }
-        }),
+        tcp_task,
     ];
     // Tick often enough to expire a connection within ~1/20 of its lifetime.
     let period =
@@ -345,6 +407,9 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
         })
     };
     let mut background = vec![ticker, watcher, peers];
+    if let Some(t) = &tls {
+        background.push(t.source().spawn_reloader(opts.security.reload_period));
+    }
     if let Some(k) = &kube_registry {
         background.extend(k.spawn_watches());
         let k = k.clone();
@@ -360,7 +425,8 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
     if let Some(p) = &pods {
         background.push(tokio::spawn(p.clone().run()));
     }
-    tracing::info!(name = %opts.name, cluster = opts.cluster.as_ref().map(|c| c.namespace.as_str()), listen = %opts.listen.display(), peer = %peer_addr, advertise = %advertise_url,
+    let spiffe_id = tls.as_ref().map(|t| t.identity().id.clone());
+    tracing::info!(name = %opts.name, spiffe_id = spiffe_id.as_deref().unwrap_or("(none: insecure)"), cluster = opts.cluster.as_ref().map(|c| c.namespace.as_str()), listen = %opts.listen.display(), peer = %peer_addr, advertise = %advertise_url,
         registry = opts.registry.as_deref().unwrap_or("(this manager)"), "nsm-manager serving");
     Ok(Handle {
         advertise_url,
@@ -393,15 +459,18 @@ impl NetworkService for NsServer {
             .get(MD_MANAGED)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let conn = self.manager.request(r.into_inner(), managed).await?;
+        let who = principal_of(&r);
+        let peer = peer_of(&r).cloned();
+        let conn = self
+            .manager
+            .request_from(r.into_inner(), managed, &who, peer.as_ref())
+            .await?;
         Ok(Response::new(conn))
     }
 
     async fn close(&self, r: Request<Connection>) -> Result<Response<()>, Status> {
-        self.manager
-            .close(&r.into_inner())
-            .await
-            .map_err(|e| Status::internal(format!("close: {e}")))?;
+        let who = principal_of(&r);
+        self.manager.close_from(&r.into_inner(), &who).await?;
         Ok(Response::new(()))
     }
 }

@@ -1,11 +1,13 @@
 //! Small shared helpers: ids, timestamps, and dialing `unix://` / `tcp://` URLs.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost_types::Timestamp;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::tls::Tls;
 
 /// A random UUID v4 string, as NSM uses for connection and segment ids.
 pub fn uuid() -> String {
@@ -61,13 +63,34 @@ pub fn channel(url: &str) -> Result<Channel, BadUrl> {
     Err(BadUrl(url.to_string()))
 }
 
+/// Like [`channel`], but `tcp://` URLs go over mTLS when `tls` is given
+/// (every link between managers once identities are configured).
+///
+/// # Errors
+/// [`BadUrl`].
+pub fn channel_tls(url: &str, tls: Option<&Arc<Tls>>) -> Result<Channel, BadUrl> {
+    match (url.strip_prefix("tcp://"), tls) {
+        (Some(addr), Some(tls)) => tls.channel(addr).map_err(|_| BadUrl(url.to_string())),
+        _ => channel(url),
+    }
+}
+
 /// Channels by URL, so that every call to a peer reuses one HTTP/2 connection.
 #[derive(Debug, Default)]
 pub struct Channels {
     map: Mutex<HashMap<String, Channel>>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Channels {
+    /// Channels whose `tcp://` URLs use `tls` (plain TCP when `None`).
+    pub fn new(tls: Option<Arc<Tls>>) -> Channels {
+        Channels {
+            map: Mutex::default(),
+            tls,
+        }
+    }
+
     /// The channel for `url`, made on first use.
     ///
     /// # Errors
@@ -77,7 +100,7 @@ impl Channels {
         if let Some(c) = m.get(url) {
             return Ok(c.clone());
         }
-        let c = channel(url)?;
+        let c = channel_tls(url, self.tls.as_ref())?;
         m.insert(url.to_string(), c.clone());
         Ok(c)
     }

@@ -89,6 +89,7 @@ async fn nsmctl_lists_and_reports_errors() {
         .unwrap(),
         max_token_lifetime: Duration::from_secs(600),
         cluster: None,
+        security: Default::default(),
     })
     .await
     .unwrap();

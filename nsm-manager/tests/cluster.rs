@@ -271,6 +271,7 @@ impl Node {
                 client,
                 namespace: NAMESPACE.into(),
             }),
+            security: Default::default(),
         };
         let handle = start(opts).await.expect("manager starts in cluster mode");
         Node {

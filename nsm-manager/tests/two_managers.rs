@@ -240,6 +240,7 @@ fn options(
         registry,
         max_token_lifetime: lifetime,
         cluster: None,
+        security: Default::default(),
     }
 }
 

@@ -11,7 +11,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nsm_manager::config::Config;
-use nsm_manager::server::{Options, start};
+use nsm_manager::identity::IdentityPaths;
+use nsm_manager::server::{Options, Security, start};
 
 /// The nsm-rs control plane of one node: NSM-compatible gRPC API (NetworkService,
 /// MonitorConnection, registries), endpoint selection, IPAM, connection lifecycle.
@@ -49,7 +50,7 @@ struct Args {
     config: Option<PathBuf>,
     /// Lifetime of a path segment (token): a connection not refreshed within it is
     /// closed. Units: ms, s, m or h (e.g. 600s, 10m).
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = nsm_manager::parse_duration)]
     max_token_lifetime: std::time::Duration,
     /// Cluster mode with this kubeconfig: the registry is the cluster's
     /// NetworkService/NetworkServiceEndpoint objects, and the pods scheduled to
@@ -63,26 +64,24 @@ struct Args {
     /// Namespace of the NSM objects in cluster mode.
     #[arg(long, env = "NSM_NAMESPACE", default_value = "nsm-system")]
     namespace: String,
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 600s or 10m"))?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        _ => return Err(format!("`{s}`: unit must be ms, s, m or h")),
-    };
-    if ms == 0 {
-        return Err("the lifetime must be positive".into());
-    }
-    Ok(std::time::Duration::from_millis(ms))
+    /// Directory holding this manager's identity: cert.pem (SPIFFE X.509),
+    /// key.pem (0600) and ca.pem (trust bundle), as `nsmctl ca issue --out`
+    /// writes them. Turns on mTLS to peers and signed path segments.
+    /// Without it (or the --tls-* trio) the manager runs in INSECURE mode.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    identity_dir: Option<PathBuf>,
+    /// The identity's certificate (PEM), instead of --identity-dir.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The identity's private key (PEM PKCS#8, should be mode 0600).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The trust bundle (PEM CA certificates of the trust domain).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// How often the identity files are checked for rotation (ms, s, m, h).
+    #[arg(long, default_value = "5s", value_parser = nsm_manager::parse_duration)]
+    identity_reload: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -142,6 +141,16 @@ fn main() -> ExitCode {
             config,
             max_token_lifetime: args.max_token_lifetime,
             cluster,
+            security: Security {
+                identity: match (args.identity_dir, args.tls_cert, args.tls_key, args.tls_ca) {
+                    (Some(d), ..) => Some(IdentityPaths::in_dir(&d)),
+                    (None, Some(cert), Some(key), Some(ca)) => {
+                        Some(IdentityPaths { cert, key, ca })
+                    }
+                    _ => None,
+                },
+                reload_period: args.identity_reload,
+            },
         };
         let handle = match start(opts).await {
             Ok(h) => h,
@@ -173,6 +182,7 @@ async fn wait_for_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nsm_manager::parse_duration;
 
     #[test]
     fn durations() {

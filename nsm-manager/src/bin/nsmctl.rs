@@ -61,6 +61,11 @@ enum Cmd {
         /// Connection id, as printed by `request` or `get connections`.
         id: String,
     },
+    /// The mesh CA and identities (works on files; no manager needed).
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
     /// List services, endpoints or connections.
     Get {
         /// What to list.
@@ -68,6 +73,38 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCmd {
+    /// Create a mesh CA in DIR: ca.pem and ca.key (0600).
+    Create {
+        /// Where the CA files go.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The trust domain (the CA's spiffe://TRUST_DOMAIN).
+        #[arg(long, default_value = "nsm.local")]
+        trust_domain: String,
+        /// Validity of the CA (ms, s, m, h).
+        #[arg(long, default_value = "8760h", value_parser = nsm_manager::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Issue (or rotate) a certificate for a SPIFFE ID into OUT:
+    /// cert.pem, key.pem (0600), ca.pem.
+    Issue {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// spiffe://TRUST_DOMAIN/PATH (e.g. spiffe://nsm.local/nsm-manager/node1).
+        #[arg(long)]
+        id: String,
+        /// Validity (ms, s, m, h); short-lived by design: rotate before it ends.
+        #[arg(long, default_value = "1h", value_parser = nsm_manager::parse_duration)]
+        ttl: std::time::Duration,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -136,6 +173,25 @@ fn conn_row(c: &Connection) -> Vec<String> {
 
 const CONN_HEADERS: [&str; 6] = ["ID", "SERVICE", "ENDPOINT", "STATE", "SRC", "DST"];
 
+fn ca(cmd: CaCmd) -> Result<(), String> {
+    match cmd {
+        CaCmd::Create {
+            dir,
+            trust_domain,
+            ttl,
+        } => {
+            nsm_manager::identity::create_ca(&dir, &trust_domain, ttl)
+                .map_err(|e| e.to_string())?;
+            println!("CA for spiffe://{trust_domain} in {}", dir.display());
+        }
+        CaCmd::Issue { dir, id, ttl, out } => {
+            nsm_manager::identity::issue(&dir, &id, ttl, &out).map_err(|e| e.to_string())?;
+            println!("{id} in {} (valid {}s)", out.display(), ttl.as_secs());
+        }
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<(), String> {
     let ch: Channel = nsm_proto::uds::connect_unix(&args.manager)
         .await
@@ -150,6 +206,7 @@ async fn run(args: Args) -> Result<(), String> {
         move |s: tonic::Status| format!("{what}: {} ({:?})", s.message(), s.code())
     };
     match args.cmd {
+        Cmd::Ca { cmd } => ca(cmd)?,
         Cmd::Request {
             service,
             netns,
@@ -283,6 +340,19 @@ async fn run(args: Args) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // CA commands work on files only: no runtime, no manager.
+    let args = match args.cmd {
+        Cmd::Ca { cmd } => {
+            return match ca(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("nsmctl: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        cmd => Args { cmd, ..args },
+    };
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,0 +1,201 @@
+//! Authorization: which callers may request which network services, and
+//! who may change a registry entry.
+//!
+//! The policy is the `authorization:` section of the manager's `--config`:
+//!
+//! ```yaml
+//! authorization:
+//!   rules:
+//!     - services: [secure-net]          # "*" = every service
+//!       spiffe_ids: ["spiffe://nsm.test/nsm-manager/*"]   # trailing * = prefix
+//!       uids: [0, 1000]                 # local clients (SO_PEERCRED)
+//!       labels: {app: web}              # the request's labels must contain these
+//! ```
+//!
+//! Without the section everything is allowed (the documented default, so
+//! that a lab without identities keeps working). With it, a request is
+//! allowed when at least one rule matches: its service list names the
+//! service (or `*`), the caller matches one of its `spiffe_ids` or `uids`
+//! (a rule listing neither matches any caller), and its `labels` are all
+//! in the request's connection labels. Everything else is PermissionDenied,
+//! checked before anything is allocated or programmed.
+//!
+//! Registry ownership: the first registration of an endpoint name records
+//! its [`Principal`]; updates and Unregister from another principal are
+//! PermissionDenied. A peer manager forwards registrations for its local
+//! endpoints with the local principal in metadata ([`MD_ON_BEHALF`]); the
+//! registry manager scopes that claim under the peer's verified SPIFFE ID,
+//! so a manager can only speak for its own node's clients.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+/// gRPC metadata a manager sets when forwarding a local client's registry
+/// call: the local principal (e.g. `uid:1000`).
+pub const MD_ON_BEHALF: &str = "nsm-on-behalf-of";
+
+/// Who is calling, as established by the transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The manager itself (refreshes, pod reconciliation).
+    Internal,
+    /// A local client on the unix socket (SO_PEERCRED).
+    Local {
+        /// Its uid.
+        uid: u32,
+        /// Its gid.
+        gid: u32,
+    },
+    /// A peer over mTLS, by SPIFFE ID; `on_behalf` is the local principal
+    /// the peer says it forwards for.
+    Peer {
+        /// The verified SPIFFE ID.
+        id: String,
+        /// The forwarded local principal, if any.
+        on_behalf: Option<String>,
+    },
+    /// A TCP peer without TLS (insecure mode: no identity configured).
+    Anonymous,
+}
+
+impl Principal {
+    /// The owner string stored with a registry entry.
+    pub fn owner_key(&self) -> String {
+        match self {
+            Principal::Internal => "internal".into(),
+            Principal::Local { uid, .. } => format!("uid:{uid}"),
+            Principal::Peer { id, on_behalf } => match on_behalf {
+                Some(b) => format!("{id}#{b}"),
+                None => id.clone(),
+            },
+            Principal::Anonymous => "anonymous".into(),
+        }
+    }
+}
+
+/// The principal of a request, from what the transport established: the
+/// mTLS peer (with the local principal it forwards for, if any), the unix
+/// socket's peer credentials, or nothing (TCP without TLS).
+pub fn principal_of<T>(r: &tonic::Request<T>) -> Principal {
+    if let Some(p) = crate::tls::peer_of(r) {
+        let on_behalf = r
+            .metadata()
+            .get(MD_ON_BEHALF)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 64)
+            .map(str::to_string);
+        return Principal::Peer {
+            id: p.spiffe_id.clone(),
+            on_behalf,
+        };
+    }
+    if let Some(u) = r
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+    {
+        return match u.peer_cred {
+            Some(c) => Principal::Local {
+                uid: c.uid(),
+                gid: c.gid(),
+            },
+            None => Principal::Anonymous,
+        };
+    }
+    Principal::Anonymous
+}
+
+/// One rule of the policy (see the module doc).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Service names, or `*`.
+    pub services: Vec<String>,
+    /// SPIFFE IDs (a trailing `*` matches a prefix).
+    #[serde(default)]
+    pub spiffe_ids: Vec<String>,
+    /// Local uids.
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// Labels the request must carry.
+    #[serde(default)]
+    pub labels: HashMap<String, String>,
+}
+
+/// The policy: absent = allow all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Allowing rules; no rule = deny all.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+fn id_matches(pattern: &str, id: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => id.starts_with(prefix),
+        None => pattern == id,
+    }
+}
+
+impl Rule {
+    fn allows(&self, who: &Principal, service: &str, labels: &HashMap<String, String>) -> bool {
+        let svc = self.services.iter().any(|s| s == "*" || s == service);
+        let caller = (self.spiffe_ids.is_empty() && self.uids.is_empty())
+            || match who {
+                Principal::Internal => true,
+                Principal::Local { uid, .. } => self.uids.contains(uid),
+                Principal::Peer { id, .. } => self.spiffe_ids.iter().any(|p| id_matches(p, id)),
+                Principal::Anonymous => false,
+            };
+        let lbl = self
+            .labels
+            .iter()
+            .all(|(k, v)| labels.get(k).is_some_and(|x| x == v));
+        svc && caller && lbl
+    }
+}
+
+impl Policy {
+    /// Whether `who` may request `service` with `labels`.
+    pub fn allows(&self, who: &Principal, service: &str, labels: &HashMap<String, String>) -> bool {
+        matches!(who, Principal::Internal)
+            || self.rules.iter().any(|r| r.allows(who, service, labels))
+    }
+
+    /// Parses a policy alone (YAML), for tests and fuzzing.
+    ///
+    /// # Errors
+    /// serde's message.
+    pub fn parse(text: &str) -> Result<Policy, String> {
+        serde_norway::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules() {
+        let p = Policy::parse(
+            "rules:\n- services: [a]\n  uids: [1000]\n- services: ['*']\n  spiffe_ids: ['spiffe://td/nsm-manager/*']\n- services: [b]\n  labels: {app: web}\n",
+        )
+        .unwrap();
+        let none = HashMap::new();
+        let web = HashMap::from([("app".to_string(), "web".to_string())]);
+        let u = |uid| Principal::Local { uid, gid: 0 };
+        assert!(p.allows(&u(1000), "a", &none));
+        assert!(!p.allows(&u(1001), "a", &none));
+        assert!(p.allows(&u(1001), "b", &web));
+        assert!(!p.allows(&u(1001), "b", &none));
+        let peer = |id: &str| Principal::Peer {
+            id: id.into(),
+            on_behalf: None,
+        };
+        assert!(p.allows(&peer("spiffe://td/nsm-manager/n2"), "z", &none));
+        assert!(!p.allows(&peer("spiffe://td/other"), "z", &none));
+        assert!(!p.allows(&Principal::Anonymous, "a", &none));
+        assert!(Policy::parse("rules:\n- servics: [a]\n").is_err());
+    }
+}
