@@ -229,6 +229,8 @@ pub struct Lab {
 
 /// The mesh programs: per node (in start order), and per endpoint pod.
 pub const MESH_PROGRAMS: [&str; 3] = ["nsm-forwarder", "nsm-manager", "nsm-endpoint"];
+/// The SPIFFE trust domain of lab identities.
+pub const TRUST_DOMAIN: &str = "nsm.local";
 /// The TCP port managers listen on for their peers, on the underlay address.
 pub const MANAGER_PEER_PORT: u16 = 5001;
 /// How long a mesh process may take to listen on its socket.
@@ -672,6 +674,7 @@ impl Lab {
         // starts first and the others point at it.
         if let Some(path) = found.get("nsm-manager") {
             self.write_manager_config()?;
+            self.issue_identities()?;
             for node in self.plan.nodes.clone() {
                 check_interrupt(&self.topology.name)?;
                 self.progress(&format!("{}: starting nsm-manager", node.name));
@@ -808,6 +811,49 @@ impl Lab {
         Ok(())
     }
 
+    /// Makes the lab's CA and a SPIFFE certificate per node manager (with
+    /// `nsmctl`, built with the manager), so that managers talk mTLS and sign
+    /// their path segments. Certificates last a day: labs are short-lived.
+    fn issue_identities(&self) -> Result<(), LabError> {
+        let Some(nsmctl) = sys::find_program("nsmctl") else {
+            self.progress("nsmctl not built: managers run without identities (insecure mode)");
+            return Ok(());
+        };
+        let nsmctl = nsmctl.display().to_string();
+        let ca = self.dir.join("ca").display().to_string();
+        sys::run(
+            &nsmctl,
+            [
+                "ca",
+                "create",
+                "--dir",
+                &ca,
+                "--trust-domain",
+                TRUST_DOMAIN,
+                "--ttl",
+                "48h",
+            ],
+        )
+        .map_err(self.step("identities: lab CA"))?;
+        for node in &self.plan.nodes {
+            let id = format!("spiffe://{TRUST_DOMAIN}/nsm-manager/{}", node.name);
+            let out = self.identity_dir(&node.name).display().to_string();
+            sys::run(
+                &nsmctl,
+                [
+                    "ca", "issue", "--dir", &ca, "--id", &id, "--ttl", "24h", "--out", &out,
+                ],
+            )
+            .map_err(self.step(format!("identities: {id}")))?;
+        }
+        Ok(())
+    }
+
+    /// A node manager's certificate, key and trust bundle.
+    pub fn identity_dir(&self, node: &str) -> PathBuf {
+        self.dir.join(node).join("identity")
+    }
+
     fn write_manager_config(&self) -> Result<(), LabError> {
         #[derive(Serialize)]
         struct Config<'a> {
@@ -897,6 +943,12 @@ impl Lab {
             "--state-dir".into(),
             self.dir.join(node).display().to_string(),
         ];
+        if self.identity_dir(node).join("cert.pem").exists() {
+            args.extend([
+                "--identity-dir".into(),
+                self.identity_dir(node).display().to_string(),
+            ]);
+        }
         args.extend(self.opts.manager_args.iter().cloned());
         let registry = &self.plan.nodes[0].name;
         if node == registry {
