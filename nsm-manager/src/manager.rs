@@ -997,16 +997,30 @@ impl Manager {
             let mut fwd = fwd;
             let aud = self.peer_audience(&peer_url, &nse.name).await?;
             self.sign_segment(&mut fwd, &aud)?;
-            let mut req = tonic::Request::new(NetworkServiceRequest {
+            let message = NetworkServiceRequest {
                 connection: Some(fwd),
                 mechanism_preferences: vec![mech(mechanisms::WIREGUARD, cls::REMOTE, params)],
-            });
-            req.set_timeout(Duration::from_secs(20));
-            NetworkServiceClient::new(ch)
-                .request(req)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(peer_fail)
+            };
+            // Request is idempotent by connection id, so a call that failed
+            // at the transport (a cached HTTP/2 connection to a peer that
+            // has since restarted) is sent once more; the channel reconnects.
+            let mut retried = false;
+            loop {
+                let mut req = tonic::Request::new(message.clone());
+                req.set_timeout(Duration::from_secs(20));
+                match NetworkServiceClient::new(ch.clone()).request(req).await {
+                    Ok(r) => break Ok(r.into_inner()),
+                    Err(s)
+                        if !retried
+                            && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled) =>
+                    {
+                        tracing::debug!(peer = %peer_url, code = ?s.code(), "peer request failed at the transport; retrying once");
+                        retried = true;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(s) => break Err(peer_fail(s)),
+                }
+            }
         }
         .await;
         let reply = match reply {
