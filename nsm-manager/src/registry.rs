@@ -40,6 +40,31 @@ use crate::util::{from_ts, to_ts};
 /// A boxed stream of gRPC results.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// A Find answer: the current matches, then (when a watch receiver is given)
+/// every later event that `keep` accepts. A watcher that fell behind the
+/// broadcast gets DataLoss, so it finds again instead of missing changes.
+fn snapshot_then_watch<R: Clone + Send + 'static>(
+    now: Vec<R>,
+    rx: Option<tokio::sync::broadcast::Receiver<R>>,
+    keep: impl Fn(&R) -> bool + Send + 'static,
+) -> BoxStream<R> {
+    let head = tokio_stream::iter(now.into_iter().map(Ok));
+    match rx {
+        None => Box::pin(head),
+        Some(rx) => {
+            let tail =
+                tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| match ev {
+                    Ok(ev) if keep(&ev) => Some(Ok(ev)),
+                    Ok(_) => None,
+                    Err(_) => Some(Err(Status::data_loss(
+                        "registry watch fell behind; find again",
+                    ))),
+                });
+            Box::pin(head.chain(tail))
+        }
+    }
+}
+
 fn store_status(e: StoreError) -> Status {
     Status::internal(format!("registry store: {e}"))
 }
@@ -251,42 +276,20 @@ impl RegistryStore {
     /// Find over this store: the current matches, then (with `watch`) later changes.
     pub fn find_ns_stream(&self, q: NetworkServiceQuery) -> BoxStream<NetworkServiceResponse> {
         let template = q.network_service.clone().unwrap_or_default();
-        // Subscribe before the snapshot so that no change falls between them.
         let rx = q.watch.then(|| self.ns_events.subscribe());
-        let now: Vec<Result<NetworkServiceResponse, Status>> = self
+        let now = self
             .find_ns(&template)
             .into_iter()
-            .map(|ns| {
-                Ok(NetworkServiceResponse {
-                    network_service: Some(ns),
-                    deleted: false,
-                })
+            .map(|ns| NetworkServiceResponse {
+                network_service: Some(ns),
+                deleted: false,
             })
             .collect();
-        let head = tokio_stream::iter(now);
-        match rx {
-            None => Box::pin(head),
-            Some(rx) => {
-                let tail =
-                    tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(
-                        move |ev| match ev {
-                            Ok(ev)
-                                if ev
-                                    .network_service
-                                    .as_ref()
-                                    .is_some_and(|n| ns_matches(&template, n)) =>
-                            {
-                                Some(Ok(ev))
-                            }
-                            Ok(_) => None,
-                            Err(_) => Some(Err(Status::data_loss(
-                                "registry watch fell behind; find again",
-                            ))),
-                        },
-                    );
-                Box::pin(head.chain(tail))
-            }
-        }
+        snapshot_then_watch(now, rx, move |ev| {
+            ev.network_service
+                .as_ref()
+                .is_some_and(|n| ns_matches(&template, n))
+        })
     }
 
     /// Find over this store: the current matches, then (with `watch`) later changes.
@@ -296,40 +299,19 @@ impl RegistryStore {
     ) -> BoxStream<NetworkServiceEndpointResponse> {
         let template = q.network_service_endpoint.clone().unwrap_or_default();
         let rx = q.watch.then(|| self.nse_events.subscribe());
-        let now: Vec<Result<NetworkServiceEndpointResponse, Status>> = self
+        let now = self
             .find_nse(&template)
             .into_iter()
-            .map(|e| {
-                Ok(NetworkServiceEndpointResponse {
-                    network_service_endpoint: Some(e),
-                    deleted: false,
-                })
+            .map(|e| NetworkServiceEndpointResponse {
+                network_service_endpoint: Some(e),
+                deleted: false,
             })
             .collect();
-        let head = tokio_stream::iter(now);
-        match rx {
-            None => Box::pin(head),
-            Some(rx) => {
-                let tail =
-                    tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(
-                        move |ev| match ev {
-                            Ok(ev)
-                                if ev
-                                    .network_service_endpoint
-                                    .as_ref()
-                                    .is_some_and(|n| nse_matches(&template, n)) =>
-                            {
-                                Some(Ok(ev))
-                            }
-                            Ok(_) => None,
-                            Err(_) => Some(Err(Status::data_loss(
-                                "registry watch fell behind; find again",
-                            ))),
-                        },
-                    );
-                Box::pin(head.chain(tail))
-            }
-        }
+        snapshot_then_watch(now, rx, move |ev| {
+            ev.network_service_endpoint
+                .as_ref()
+                .is_some_and(|n| nse_matches(&template, n))
+        })
     }
 
     /// Stores a service as given, quietly when unchanged (the cluster
