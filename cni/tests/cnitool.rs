@@ -132,6 +132,14 @@ impl Cni {
     }
 }
 
+/// A test that fails before its own DEL still removes what ADD made (and
+/// libcni's cached result): DEL is idempotent, so it always runs once more.
+impl Drop for Cni {
+    fn drop(&mut self) {
+        let _ = self.cnitool("del");
+    }
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",

@@ -257,7 +257,8 @@ pods:
             "name": "mesh",
             "plugins": [
                 {"type": "bridge", "bridge": "cni0",
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "198.18.200.0/24"}]]}},
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "198.18.200.0/24"}]],
+                          "dataDir": netconf.path().join("ipam")}},
                 {"type": "nsm-cni", "socket": lab.manager_socket(NODE), "timeoutSeconds": 20}
             ]
         })
@@ -282,6 +283,15 @@ pods:
             .output()
             .unwrap()
     };
+    // If an assertion fails before the test's own DEL, DEL still runs
+    // (idempotent) while the lab is up, so nothing of the ADD outlives it.
+    struct DelOnDrop<F: Fn(&str) -> std::process::Output>(F);
+    impl<F: Fn(&str) -> std::process::Output> Drop for DelOnDrop<F> {
+        fn drop(&mut self) {
+            let _ = (self.0)("del");
+        }
+    }
+    let del_guard = DelOnDrop(&cnitool_run);
     let out = cnitool_run("add");
     assert!(
         out.status.success(),
@@ -345,6 +355,7 @@ pods:
     assert!(cnitool_run("del").status.success());
     assert!(!has_link(&lab, "web", "nsm-c"), "{}", links(&lab, "web"));
     assert!(cnitool_run("del").status.success());
+    drop(del_guard);
     rt.block_on(pods.delete("web", &DeleteParams::default().grace_period(0)))
         .unwrap();
     drop(kids);
