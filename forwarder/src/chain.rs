@@ -407,6 +407,7 @@ mod tests {
             functions: vec![
                 pb::Function {
                     kind: Some(pb::function::Kind::Counter(pb::CounterFunction {})),
+                    selector: None,
                 },
                 pb::Function {
                     kind: Some(pb::function::Kind::Mirror(pb::Mirror {
@@ -414,6 +415,7 @@ mod tests {
                         snaplen: 128,
                         ..Default::default()
                     })),
+                    selector: None,
                 },
             ],
         }

@@ -707,7 +707,10 @@ mod tests {
     }
 
     fn f(kind: pb::function::Kind) -> pb::Function {
-        pb::Function { kind: Some(kind) }
+        pb::Function {
+            kind: Some(kind),
+            selector: None,
+        }
     }
 
     #[test]
@@ -797,7 +800,13 @@ mod tests {
         ]);
         assert_eq!(e.code, tonic::Code::InvalidArgument);
         assert_eq!(e.message, "chain[1] (ratelimit): rate must be > 0");
-        let e = refuse(vec![counter(), pb::Function { kind: None }]);
+        let e = refuse(vec![
+            counter(),
+            pb::Function {
+                kind: None,
+                selector: None,
+            },
+        ]);
         assert!(
             e.message.starts_with("chain[1]: no function"),
             "{}",

@@ -101,7 +101,10 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn func(kind: pb::function::Kind) -> pb::Function {
-    pb::Function { kind: Some(kind) }
+    pb::Function {
+        kind: Some(kind),
+        selector: None,
+    }
 }
 
 fn chain(functions: Vec<pb::Function>) -> pb::Chain {

@@ -65,6 +65,13 @@ pub struct Chain {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Function {
+    /// Only packets matching this run through the function; the others skip
+    /// it (they pass on to the next function untouched and are not counted
+    /// by it). Absent = every packet. Used by policies that select traffic by
+    /// protocol, ports or prefixes. A port range here, as in rules, never
+    /// matches ICMP or later fragments.
+    #[prost(message, optional, tag = "16")]
+    pub selector: ::core::option::Option<FlowMatch>,
     #[prost(oneof = "function::Kind", tags = "1, 2, 3, 4, 5, 6")]
     pub kind: ::core::option::Option<function::Kind>,
 }
