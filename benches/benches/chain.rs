@@ -107,32 +107,48 @@ fn chain(c: &mut Criterion) {
             ..FlowMatch::default()
         },
     };
-    let spec = ChainSpec {
-        functions: vec![
-            FunctionSpec::Acl(AclSpec {
-                rules: vec![
-                    rule(Proto::Icmp, None),
-                    rule(Proto::Tcp, Some(PortRange::single(5201))),
-                ],
-                ..AclSpec::default()
-            }),
-            FunctionSpec::RateLimit(RateLimitSpec {
-                rate_bps: 400_000_000_000,
-                burst_bytes: None,
-                direction: None,
-            }),
-            FunctionSpec::Counter,
-        ],
+    let spec = ChainSpec::from(vec![
+        FunctionSpec::Acl(AclSpec {
+            rules: vec![
+                rule(Proto::Icmp, None),
+                rule(Proto::Tcp, Some(PortRange::single(5201))),
+            ],
+            ..AclSpec::default()
+        }),
+        FunctionSpec::RateLimit(RateLimitSpec {
+            rate_bps: 400_000_000_000,
+            burst_bytes: None,
+            direction: None,
+        }),
+        FunctionSpec::Counter,
+    ]);
+    // The same with a selector on every function (all matching): the
+    // packet's fields are read once for the selectors and the acl.
+    let tcp_5201 = FlowMatch {
+        proto: Proto::Tcp,
+        dst_ports: Some(PortRange::single(5201)),
+        ..FlowMatch::default()
+    };
+    let selected = ChainSpec {
+        functions: spec
+            .functions
+            .iter()
+            .map(|e| e.function.clone().when(tcp_5201.clone()))
+            .collect(),
     };
     let mut group = c.benchmark_group("chain");
     group.throughput(Throughput::Elements(1));
-    for size in [64usize, 1420] {
+    for (name, spec, size) in [
+        ("acl+ratelimit+counter", &spec, 64usize),
+        ("acl+ratelimit+counter", &spec, 1420),
+        ("selected acl+ratelimit+counter", &selected, 64),
+    ] {
         let t0 = Instant::now();
-        let mut built = build(&spec, t0).expect("valid spec");
+        let mut built = build(spec, t0).expect("valid spec");
         let mut buf = tcp([10, 0, 0, 1], [10, 0, 0, 2], 40000, 5201, size);
         let mut p = IpPacket::parse(&mut buf).expect("valid packet");
         let mut tick = 0u64;
-        group.bench_function(format!("acl+ratelimit+counter/{size}"), |b| {
+        group.bench_function(format!("{name}/{size}"), |b| {
             b.iter(|| {
                 tick += 1;
                 let ctx = StageCtx {
@@ -171,14 +187,12 @@ fn chain(c: &mut Criterion) {
                 tcp(src, dst, 40000, 1 + (rng.next() % 60000) as u16, 64)
             })
             .collect();
-        let spec = ChainSpec {
-            functions: vec![FunctionSpec::Acl(AclSpec {
-                rules,
-                default: AclAction::Deny,
-                stateful: false,
-                ..AclSpec::default()
-            })],
-        };
+        let spec = ChainSpec::from(vec![FunctionSpec::Acl(AclSpec {
+            rules,
+            default: AclAction::Deny,
+            stateful: false,
+            ..AclSpec::default()
+        })]);
         let t0 = Instant::now();
         let mut built = build(&spec, t0).expect("valid spec");
         let mut pkts: Vec<IpPacket<'_>> = bufs

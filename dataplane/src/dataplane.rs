@@ -222,6 +222,8 @@ pub struct Dataplane {
     timer_cursor: usize,
     scan_limiter: ScanLimiter,
     global: GlobalCounters,
+    /// What [`Dataplane::hold_until`] reports for the last packet.
+    hold: Option<Instant>,
 }
 
 impl core::fmt::Debug for Dataplane {
@@ -271,6 +273,7 @@ impl Dataplane {
             timer_cursor: 0,
             scan_limiter: ScanLimiter::new(config.unmatched_initiations_per_sec),
             global: GlobalCounters::default(),
+            hold: None,
         }
     }
 
@@ -535,6 +538,20 @@ impl Dataplane {
     // Data plane.
     // ------------------------------------------------------------------
 
+    /// Whether the output of the last [`Dataplane::from_pod`] or
+    /// [`Dataplane::from_underlay`] call must wait: `Some(t)` when a shaping
+    /// stage of its chain (`ratelimit`) queued the packet
+    /// ([`Verdict::Hold`]), and the caller must not send the output before
+    /// `t`; `None` (send at once) otherwise. A stage's times for one
+    /// direction never decrease, so a FIFO per direction
+    /// ([`crate::stages::DelayLine::push_at`]) keeps them in order. A caller
+    /// that ignores this sends held outputs at once: the limit then acts as
+    /// a policer whose bucket is the burst plus the queue.
+    #[inline]
+    pub fn hold_until(&self) -> Option<Instant> {
+        self.hold
+    }
+
     /// A packet (TUN) or frame (TAP) read from pod device `port`.
     ///
     /// `packet` may be rewritten in place (service chain, Ethernet header)
@@ -548,11 +565,13 @@ impl Dataplane {
         packet: &'a mut [u8],
         out: &'a mut [u8],
     ) -> Action<'a> {
+        self.hold = None;
         let Self {
             ports,
             xconns,
             sessions,
             global,
+            hold,
             ..
         } = self;
         let Some(p) = ports.get_mut(port.index()).and_then(Option::as_mut) else {
@@ -642,8 +661,10 @@ impl Dataplane {
                     Side::B => Direction::BToA,
                 },
             };
-            if let Verdict::Drop(r) = xc.chain.run(&ctx, &mut IpPacket::new_unchecked(ip, meta)) {
-                return drop(r);
+            match xc.chain.run(&ctx, &mut IpPacket::new_unchecked(ip, meta)) {
+                Verdict::Drop(r) => return drop(r),
+                Verdict::Hold(t) => *hold = Some(t),
+                Verdict::Pass => {}
             }
         }
 
@@ -680,6 +701,7 @@ impl Dataplane {
         datagram: &[u8],
         out: &'a mut [u8],
     ) -> Action<'a> {
+        self.hold = None;
         let addressed = match wg::classify(datagram) {
             Ok(a) => a,
             Err(r) => {
@@ -704,6 +726,7 @@ impl Dataplane {
             sessions,
             flush_list,
             global,
+            hold,
             ..
         } = self;
         let Some(s) = session_mut(sessions, sref) else {
@@ -815,9 +838,10 @@ impl Dataplane {
                 let ip = frame
                     .get_mut(headroom..headroom + meta.len)
                     .unwrap_or(&mut []);
-                if let Verdict::Drop(r) = xc.chain.run(&ctx, &mut IpPacket::new_unchecked(ip, meta))
-                {
-                    return drop(r);
+                match xc.chain.run(&ctx, &mut IpPacket::new_unchecked(ip, meta)) {
+                    Verdict::Drop(r) => return drop(r),
+                    Verdict::Hold(t) => *hold = Some(t),
+                    Verdict::Pass => {}
                 }
                 let Some(frame) = frame.get_mut(..headroom + meta.len) else {
                     return drop(DropReason::BufferTooSmall);

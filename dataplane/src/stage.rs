@@ -2,8 +2,10 @@
 //! `counter` and `fault` plug in.
 //!
 //! A [`Stage`] sees one IP packet at a time, in place, with the time and the
-//! direction, and answers [`Verdict::Pass`] or [`Verdict::Drop`]. Stages are
-//! plain synchronous values: no `async`, no allocation, no lock per packet.
+//! direction, and answers [`Verdict::Pass`], [`Verdict::Drop`] or
+//! [`Verdict::Hold`] (pass, but not before a given time: a shaper queued
+//! it). Stages are plain synchronous values: no `async`, no allocation, no
+//! lock per packet.
 //!
 //! A [`Chain`] is built once per cross-connect from its spec (control plane,
 //! may allocate) and is the only place with type erasure: one `Box<dyn Stage>`
@@ -49,6 +51,29 @@ pub enum Verdict {
     Pass,
     /// Discard it; the reason is counted on the cross-connect.
     Drop(DropReason),
+    /// Hand it on like [`Verdict::Pass`], but it must not leave before this
+    /// time: a shaping stage (`ratelimit`) queued it behind the traffic
+    /// ahead of it. The data plane cannot hold the caller's buffer, so it
+    /// processes the packet at once and reports the time
+    /// ([`crate::Dataplane::hold_until`]); the caller (the forwarder)
+    /// keeps the output until then.
+    Hold(Instant),
+}
+
+impl Verdict {
+    /// This verdict followed by a later stage's: a drop wins, holds add up
+    /// to the latest time.
+    #[inline]
+    pub fn and(self, later: Verdict) -> Verdict {
+        match (self, later) {
+            (Verdict::Drop(r), _) | (_, Verdict::Drop(r)) => Verdict::Drop(r),
+            (Verdict::Hold(a), Verdict::Hold(b)) => Verdict::Hold(a.max(b)),
+            (Verdict::Hold(t), Verdict::Pass) | (Verdict::Pass, Verdict::Hold(t)) => {
+                Verdict::Hold(t)
+            }
+            (Verdict::Pass, Verdict::Pass) => Verdict::Pass,
+        }
+    }
 }
 
 /// One service function, run per packet on the worker thread.
@@ -75,12 +100,14 @@ impl<S: Stage + ?Sized> Stage for Box<S> {
 impl Stage for Vec<Box<dyn Stage>> {
     #[inline]
     fn process(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
+        let mut verdict = Verdict::Pass;
         for stage in self.iter_mut() {
-            if let Verdict::Drop(r) = stage.process(ctx, packet) {
+            verdict = verdict.and(stage.process(ctx, packet));
+            if let Verdict::Drop(r) = verdict {
                 return Verdict::Drop(r);
             }
         }
-        Verdict::Pass
+        verdict
     }
 
     fn name(&self) -> &'static str {
@@ -99,8 +126,8 @@ impl<A: Stage, B: Stage> Stage for Then<A, B> {
     #[inline]
     fn process(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
         match self.first.process(ctx, packet) {
-            Verdict::Pass => self.second.process(ctx, packet),
-            drop => drop,
+            Verdict::Drop(r) => Verdict::Drop(r),
+            v => v.and(self.second.process(ctx, packet)),
         }
     }
 

@@ -80,24 +80,22 @@ fn web_guard(rate_bps: u64) -> ChainSpec {
             ..FlowMatch::default()
         },
     };
-    ChainSpec {
-        functions: vec![
-            FunctionSpec::Acl(AclSpec {
-                rules: vec![
-                    allow(Proto::Icmp, None),
-                    allow(Proto::Tcp, Some(PortRange::single(5201))),
-                ],
-                default: AclAction::Deny,
-                ..AclSpec::default()
-            }),
-            FunctionSpec::RateLimit(RateLimitSpec {
-                rate_bps,
-                burst_bytes: Some(64 * 1024),
-                direction: None,
-            }),
-            FunctionSpec::Counter,
-        ],
-    }
+    ChainSpec::from(vec![
+        FunctionSpec::Acl(AclSpec {
+            rules: vec![
+                allow(Proto::Icmp, None),
+                allow(Proto::Tcp, Some(PortRange::single(5201))),
+            ],
+            default: AclAction::Deny,
+            ..AclSpec::default()
+        }),
+        FunctionSpec::RateLimit(RateLimitSpec {
+            rate_bps,
+            burst_bytes: Some(64 * 1024),
+            direction: None,
+        }),
+        FunctionSpec::Counter,
+    ])
 }
 
 fn install(dp: &mut Dataplane, spec: &ChainSpec, now: Instant) -> Vec<StageHandle> {
@@ -151,7 +149,9 @@ fn web_guard_policy_allows_ping_and_5201_and_denies_80() {
 /// A flow offered at 80 Mbit/s for 4 s through a 50 Mbit/s limit, then the
 /// policy is edited to 20 Mbit/s while it runs: the chain is rebuilt and
 /// swapped, the flow keeps passing (the established flow's state is
-/// rebuilt by its next forward packet), and the rate follows.
+/// rebuilt by its next forward packet), and the rate follows. What counts
+/// is when packets leave: at once, or at the time the shaper holds them
+/// until ([`Dataplane::hold_until`]).
 #[test]
 fn rate_limit_holds_and_follows_a_policy_edit_mid_flow() {
     let mut dp = same_node();
@@ -164,9 +164,12 @@ fn rate_limit_holds_and_follows_a_policy_edit_mid_flow() {
     let mut now = t0;
     let measure = |dp: &mut Dataplane, now: &mut Instant| {
         let mut bytes = 0u64;
+        let end = *now + gap * per_phase;
         for i in 0..per_phase {
             *now += gap;
-            if send(dp, *now, true, tcp(A, B, 40000, 5201, size)).is_ok() {
+            if send(dp, *now, true, tcp(A, B, 40000, 5201, size)).is_ok()
+                && dp.hold_until().is_none_or(|t| t <= end)
+            {
                 bytes += size as u64;
             }
             // An ACK now and then, which must never be dropped by the ACL.
@@ -191,13 +194,11 @@ fn rate_limit_holds_and_follows_a_policy_edit_mid_flow() {
 fn fault_ten_percent_loss_shows_to_ping() {
     let mut dp = same_node();
     let t0 = Instant::now();
-    let spec = ChainSpec {
-        functions: vec![FunctionSpec::Fault(FaultSpec {
-            drop_percent: 10.0,
-            direction: Some(Direction::AToB),
-            ..FaultSpec::default()
-        })],
-    };
+    let spec = ChainSpec::from(vec![FunctionSpec::Fault(FaultSpec {
+        drop_percent: 10.0,
+        direction: Some(Direction::AToB),
+        ..FaultSpec::default()
+    })]);
     install(&mut dp, &spec, t0);
     let n = 10_000u16;
     let mut answered = 0;

@@ -34,6 +34,17 @@ fn packets(n: u16) -> Vec<Vec<u8>> {
         .collect()
 }
 
+fn allow_5201_again() -> AclRule {
+    AclRule {
+        action: AclAction::Allow,
+        matches: FlowMatch {
+            proto: Proto::Udp,
+            dst_ports: Some(PortRange::single(5201)),
+            ..FlowMatch::default()
+        },
+    }
+}
+
 #[test]
 fn built_in_chains_never_allocate_per_packet() {
     let allow_5201 = AclRule {
@@ -44,34 +55,67 @@ fn built_in_chains_never_allocate_per_packet() {
             ..FlowMatch::default()
         },
     };
+    // Source ports 1000-1999: the first half of the packets is selected.
+    let first_half = |f: FunctionSpec| {
+        f.when(FlowMatch {
+            proto: Proto::Udp,
+            src_ports: Some(PortRange::new(1000, 1999)),
+            ..FlowMatch::default()
+        })
+    };
     let chains = [
+        ChainSpec::from(vec![
+            FunctionSpec::Acl(AclSpec {
+                rules: vec![allow_5201],
+                ..AclSpec::default()
+            }),
+            FunctionSpec::RateLimit(RateLimitSpec {
+                rate_bps: 1_000_000,
+                burst_bytes: None,
+                direction: None,
+            }),
+            FunctionSpec::Counter,
+        ]),
+        ChainSpec::from(vec![
+            FunctionSpec::Nat44(Nat44Spec::new([192, 0, 2, 9].into())),
+            FunctionSpec::Mirror(MirrorSpec {
+                slots: 16,
+                snaplen: 256,
+                ..MirrorSpec::default()
+            }),
+            FunctionSpec::Fault(FaultSpec {
+                drop_percent: 10.0,
+                corrupt_percent: 10.0,
+                ..FaultSpec::default()
+            }),
+        ]),
+        // Selectors in front of stateful stages, a shaper queueing
+        // (holds) and dropping, and a mirror with a filter after NAT.
         ChainSpec {
             functions: vec![
-                FunctionSpec::Acl(AclSpec {
-                    rules: vec![allow_5201],
+                first_half(FunctionSpec::Acl(AclSpec {
+                    rules: vec![allow_5201_again()],
                     ..AclSpec::default()
-                }),
-                FunctionSpec::RateLimit(RateLimitSpec {
-                    rate_bps: 1_000_000,
-                    burst_bytes: None,
+                })),
+                first_half(FunctionSpec::RateLimit(RateLimitSpec {
+                    rate_bps: 5_000_000,
+                    burst_bytes: Some(1500),
                     direction: None,
-                }),
-                FunctionSpec::Counter,
-            ],
-        },
-        ChainSpec {
-            functions: vec![
-                FunctionSpec::Nat44(Nat44Spec::new([192, 0, 2, 9].into())),
+                })),
+                FunctionSpec::Nat44(Nat44Spec::new([192, 0, 2, 9].into())).into(),
                 FunctionSpec::Mirror(MirrorSpec {
+                    filter: FlowMatch {
+                        proto: Proto::Udp,
+                        ..FlowMatch::default()
+                    },
                     slots: 16,
                     snaplen: 256,
-                    ..MirrorSpec::default()
+                })
+                .when(FlowMatch {
+                    src: Some("192.0.2.9/32".parse().expect("prefix")),
+                    ..FlowMatch::default()
                 }),
-                FunctionSpec::Fault(FaultSpec {
-                    drop_percent: 10.0,
-                    corrupt_percent: 10.0,
-                    ..FaultSpec::default()
-                }),
+                first_half(FunctionSpec::Counter),
             ],
         },
     ];
@@ -100,7 +144,7 @@ fn built_in_chains_never_allocate_per_packet() {
         let mut buf = vec![0u8; 2048];
         let mut out = vec![0u8; out_len(1420)];
         let mut copy = vec![0u8; 256];
-        let (mut passed, mut dropped) = (0, 0);
+        let (mut passed, mut dropped, mut held) = (0, 0, 0);
         for round in 0..2 {
             let ((), n) = count(|| {
                 for (i, p) in pkts.iter().enumerate() {
@@ -108,7 +152,10 @@ fn built_in_chains_never_allocate_per_packet() {
                     let b = &mut buf[..p.len()];
                     b.copy_from_slice(p);
                     match dp.from_pod(now, PortId(1), b, &mut out) {
-                        Action::ToPod { .. } => passed += 1,
+                        Action::ToPod { .. } => {
+                            passed += 1;
+                            held += usize::from(dp.hold_until().is_some());
+                        }
                         Action::Drop(_) => dropped += 1,
                         other => panic!("{other:?}"),
                     }
@@ -127,5 +174,10 @@ fn built_in_chains_never_allocate_per_packet() {
             passed > 0 && dropped > 0,
             "{passed} passed, {dropped} dropped"
         );
+        let shaped = spec
+            .functions
+            .iter()
+            .any(|e| matches!(e.function, FunctionSpec::RateLimit(_)) && e.selector.is_some());
+        assert!(!shaped || held > 0, "the shaper held packets: {held}");
     }
 }

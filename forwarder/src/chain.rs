@@ -11,7 +11,7 @@
 //! for a deallocation of a large flow table between packets.
 //!
 //! # Mirrors
-//! A mirror stage copies packets into a lock-free ring; a [`MirrorDrain`]
+//! A mirror stage copies packets into a lock-free ring; a `MirrorDrain`
 //! thread per mirror empties it every [`DRAIN_PERIOD`] into a pcap file
 //! (global header once, a record per copy), so a slow disk slows the
 //! drain, never the packets: the ring fills and the stage counts
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nsm_dataplane::stages::{
     self, AclHandle, CounterHandle, FaultHandle, FunctionSpec, MirrorHandle, MirrorReader,
-    Nat44Handle, RateLimitDirSnapshot, RateLimitHandle, StageHandle, pcap,
+    Nat44Handle, RateLimitDirSnapshot, RateLimitHandle, RateLimitSpec, StageHandle, pcap,
 };
 use nsm_dataplane::{Chain, Direction};
 use nsm_proto::forwarder::v1 as pb;
@@ -48,6 +48,13 @@ pub const DELAY_SLOTS: usize = 4096;
 /// Bytes a delay slot holds beyond the MTU: a TAP's Ethernet header or
 /// WireGuard's framing around an encrypted packet.
 pub const DELAY_HEADROOM: usize = 128;
+
+/// Packets each direction's shaper line holds: what the `ratelimit`
+/// stages may queue ([`RateLimitSpec::QUEUE_PACKETS`]), plus room for the
+/// packets a batch processes before the loop releases those due (the
+/// stage counts a packet gone at its time, the line when it is sent).
+/// Beyond it packets are dropped and counted (`queue_overflow`).
+pub const SHAPE_SLOTS: usize = RateLimitSpec::QUEUE_PACKETS + 512;
 
 /// One function's control-plane side, kept for status.
 #[derive(Debug)]
@@ -72,6 +79,11 @@ pub struct Installed {
     delay: (Duration, Duration),
     /// Delayed packets dropped (line full), shared with the packet thread.
     delay_overflow: Arc<AtomicU64>,
+    /// Whether a `ratelimit` shapes side A's outputs (A to B) and what goes
+    /// to side A (B to A): the port needs shaper lines for them.
+    shaped: (bool, bool),
+    /// Packets a shaper held that its line had no room for.
+    queue_overflow: Arc<AtomicU64>,
 }
 
 /// Builds `plan`'s chain and opens its mirror files. Nothing touches the
@@ -109,14 +121,22 @@ pub fn build(plan: &ChainPlan, xconn: &str) -> Result<(Chain, Installed), Refusa
         });
     }
     let mut delay = (Duration::ZERO, Duration::ZERO);
-    for f in &plan.spec.functions {
-        if let FunctionSpec::Fault(fs) = f {
-            if fs.direction != Some(Direction::BToA) {
-                delay.0 += fs.delay;
+    let mut shaped = (false, false);
+    for e in &plan.spec.functions {
+        match &e.function {
+            FunctionSpec::Fault(fs) => {
+                if fs.direction != Some(Direction::BToA) {
+                    delay.0 += fs.delay;
+                }
+                if fs.direction != Some(Direction::AToB) {
+                    delay.1 += fs.delay;
+                }
             }
-            if fs.direction != Some(Direction::AToB) {
-                delay.1 += fs.delay;
+            FunctionSpec::RateLimit(r) => {
+                shaped.0 |= r.direction != Some(Direction::BToA);
+                shaped.1 |= r.direction != Some(Direction::AToB);
             }
+            _ => {}
         }
     }
     Ok((
@@ -127,14 +147,16 @@ pub fn build(plan: &ChainPlan, xconn: &str) -> Result<(Chain, Installed), Refusa
             a_is_source: plan.a_is_source,
             delay,
             delay_overflow: Arc::new(AtomicU64::new(0)),
+            shaped,
+            queue_overflow: Arc::new(AtomicU64::new(0)),
         },
     ))
 }
 
 impl Installed {
-    /// The delay lines for side A's port (empty without a delay), for
-    /// [`crate::worker::Core::set_delay`]. Allocates every slot: call it
-    /// off the packet thread.
+    /// The delay and shaper lines for side A's port (empty without a
+    /// delay or a `ratelimit`), for [`crate::worker::Core::set_delay`].
+    /// Allocates every slot: call it off the packet thread.
     pub fn port_delay(&self, mtu: u32) -> PortDelay {
         let slot = usize::try_from(mtu)
             .unwrap_or(usize::MAX)
@@ -145,6 +167,13 @@ impl Installed {
             DELAY_SLOTS,
             slot,
             self.delay_overflow.clone(),
+        )
+        .with_shaper(
+            self.shaped.0,
+            self.shaped.1,
+            SHAPE_SLOTS,
+            slot,
+            self.queue_overflow.clone(),
         )
     }
 
@@ -177,7 +206,7 @@ impl Installed {
                     }
                     Meter::RateLimit(h) => {
                         let s = h.snapshot();
-                        let mut c = Vec::with_capacity(8);
+                        let mut c = Vec::with_capacity(11);
                         let (f, r) = if self.a_is_source {
                             (s.a_to_b, s.b_to_a)
                         } else {
@@ -187,16 +216,22 @@ impl Installed {
                             let RateLimitDirSnapshot {
                                 passed_packets,
                                 passed_bytes,
+                                queued_packets,
                                 dropped_packets,
                                 dropped_bytes,
                             } = d;
                             c.extend([
                                 (format!("{dir}_passed_packets"), passed_packets),
                                 (format!("{dir}_passed_bytes"), passed_bytes),
+                                (format!("{dir}_queued_packets"), queued_packets),
                                 (format!("{dir}_dropped_packets"), dropped_packets),
                                 (format!("{dir}_dropped_bytes"), dropped_bytes),
                             ]);
                         }
+                        c.push((
+                            "queue_overflow".into(),
+                            self.queue_overflow.load(Ordering::Relaxed),
+                        ));
                         ("ratelimit", c)
                     }
                     Meter::Nat44(h) => {

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 use nsm_dataplane::stages::{
-    AclAction, AclRule, AclSpec, ChainSpec, FaultSpec, FlowMatch, FunctionSpec, MirrorSpec,
-    Nat44Spec, PortRange, Prefix, Proto, RateLimitSpec,
+    AclAction, AclRule, AclSpec, ChainElement, ChainSpec, FaultSpec, FlowMatch, FunctionSpec,
+    MirrorSpec, Nat44Spec, PortRange, Prefix, Proto, RateLimitSpec,
 };
 use nsm_dataplane::{Direction, MacAddr, PublicKey};
 use nsm_proto::forwarder::v1 as pb;
@@ -426,7 +426,14 @@ pub fn parse_chain(chain: Option<&pb::Chain>, a_is_source: bool) -> Result<Chain
                     FunctionSpec::Fault(spec)
                 }
             };
-        functions.push(spec);
+        let selector = match f.selector.as_ref() {
+            None => None,
+            Some(m) => Some(flow(Some(m), "selector: ").map_err(bad)?),
+        };
+        functions.push(ChainElement {
+            function: spec,
+            selector,
+        });
         pcap.push(path);
     }
     let spec = ChainSpec { functions };
@@ -724,14 +731,14 @@ mod tests {
         };
         // Client's node: source = kernel = side A, so forward is A to B.
         let p = parse_chain(Some(&chain), true).expect("valid");
-        let FunctionSpec::RateLimit(r) = &p.spec.functions[0] else {
+        let FunctionSpec::RateLimit(r) = &p.spec.functions[0].function else {
             panic!("ratelimit");
         };
         assert_eq!(r.direction, Some(Direction::AToB));
         assert_eq!(r.burst_bytes, None, "0 = the data plane's default");
         // Endpoint's node: side A is the destination's pod.
         let p = parse_chain(Some(&chain), false).expect("valid");
-        let FunctionSpec::RateLimit(r) = &p.spec.functions[0] else {
+        let FunctionSpec::RateLimit(r) = &p.spec.functions[0].function else {
             panic!("ratelimit");
         };
         assert_eq!(r.direction, Some(Direction::BToA));
@@ -761,14 +768,14 @@ mod tests {
             ],
         };
         let p = parse_chain(Some(&chain), true).expect("valid");
-        let FunctionSpec::Acl(a) = &p.spec.functions[0] else {
+        let FunctionSpec::Acl(a) = &p.spec.functions[0].function else {
             panic!("acl");
         };
         assert!(a.stateful, "absent stateful = true");
         assert_eq!(a.default, AclAction::Deny);
         assert_eq!(a.conntrack_capacity, DEFAULT_TABLE);
         assert_eq!(a.rules[0].matches.dst_ports, Some(PortRange::single(5201)));
-        let FunctionSpec::Mirror(m) = &p.spec.functions[1] else {
+        let FunctionSpec::Mirror(m) = &p.spec.functions[1].function else {
             panic!("mirror");
         };
         assert_eq!(
@@ -856,6 +863,66 @@ mod tests {
         }))]);
         assert!(
             e.message.starts_with("chain[0] (fault): delay_ms"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn selectors_are_converted_with_directions_and_checked() {
+        let sel = |m: pb::FlowMatch| pb::Function {
+            kind: Some(pb::function::Kind::Counter(pb::CounterFunction {})),
+            selector: Some(m),
+        };
+        let chain = |m| pb::Chain {
+            functions: vec![
+                f(pb::function::Kind::Counter(pb::CounterFunction {})),
+                sel(m),
+            ],
+        };
+        let web = pb::FlowMatch {
+            protocol: pb::MatchProtocol::Tcp as i32,
+            dst_ports: Some(pb::PortRange { lo: 80, hi: 0 }),
+            direction: pb::ChainDirection::Forward as i32,
+            ..Default::default()
+        };
+        let p = parse_chain(Some(&chain(web.clone())), false).expect("valid");
+        assert_eq!(p.spec.functions[0].selector, None);
+        assert_eq!(
+            p.spec.functions[1].selector,
+            Some(FlowMatch {
+                proto: Proto::Tcp,
+                dst_ports: Some(PortRange::single(80)),
+                // The endpoint's node: forward is B to A.
+                direction: Some(Direction::BToA),
+                ..FlowMatch::default()
+            })
+        );
+        let e = parse_chain(
+            Some(&chain(pb::FlowMatch {
+                dst_ports: Some(pb::PortRange { lo: 90, hi: 80 }),
+                ..Default::default()
+            })),
+            true,
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert_eq!(e.code, tonic::Code::InvalidArgument);
+        assert_eq!(
+            e.message,
+            "chain[1] (counter): selector: port range 90-80 has lo > hi"
+        );
+        let e = parse_chain(
+            Some(&chain(pb::FlowMatch {
+                src: "10.0.0.0/8x".into(),
+                ..Default::default()
+            })),
+            true,
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert!(
+            e.message.starts_with("chain[1] (counter): selector: src"),
             "{}",
             e.message
         );

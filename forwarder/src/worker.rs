@@ -33,14 +33,20 @@
 //!   superpacket, and one `sendmmsg` for everything queued, where runs of
 //!   equal-sized datagrams to one peer become single UDP GSO messages.
 //!
-//! # Added delay (`fault`)
+//! # Added delay (`fault`) and shaping (`ratelimit`)
 //! A port with a [`PortDelay`] (the kernel side A of a cross-connect whose
-//! chain has a `fault` delay) holds its traffic in [`DelayLine`]s: what
-//! the data plane produces from that pod's packets (forward), and what it
-//! produces for that pod (reverse), is copied into the line instead of
-//! being sent, and sent once due. The epoll timeout is cut to the earliest
-//! due time, so release is driven by the same loop. Delayed pod writes skip
-//! GRO (they leave one at a time anyway).
+//! chain has a `fault` delay or a `ratelimit`) holds its traffic in
+//! [`DelayLine`]s: what the data plane produces from that pod's packets
+//! (forward), and what it produces for that pod (reverse), is copied into
+//! a line instead of being sent, and sent once due. A `fault` delay takes
+//! every output of its direction, with a constant delay. A shaper takes
+//! only the outputs the data plane says must wait
+//! ([`Dataplane::hold_until`]), until the time it gives (plus the `fault`
+//! delay, if any), in a line of its own so that traffic the shaper did not
+//! queue (other flows, with a selector) does not wait behind it. The epoll
+//! timeout is cut to the earliest due time, so release is driven by the
+//! same loop. Delayed pod writes skip GRO (they leave one at a time
+//! anyway).
 //!
 //! No allocation, lock or log line per packet: buffers are allocated once
 //! here; I/O errors are counted and logged at most once per
@@ -127,16 +133,23 @@ enum Dest {
     Udp(std::net::SocketAddr),
 }
 
-/// The added delay of one pod port, built off the packet thread (the lines
-/// allocate every slot) and installed with [`Core::set_delay`].
+/// The added delay and the shaper queues of one pod port, built off the
+/// packet thread (the lines allocate every slot) and installed with
+/// [`Core::set_delay`].
 #[derive(Debug)]
 pub struct PortDelay {
-    /// Outputs made from this pod's packets.
+    /// Outputs made from this pod's packets (`fault` delay).
     forward: Option<DelayLine<Dest>>,
-    /// Outputs bound for this pod.
+    /// Outputs bound for this pod (`fault` delay).
     reverse: Option<DelayLine<Dest>>,
-    /// Outputs dropped because a line was full or a packet too big.
+    /// Outputs made from this pod's packets that a shaper holds.
+    shape_forward: Option<DelayLine<Dest>>,
+    /// Outputs bound for this pod that a shaper holds.
+    shape_reverse: Option<DelayLine<Dest>>,
+    /// Outputs dropped because a delay line was full or a packet too big.
     overflow: Arc<AtomicU64>,
+    /// The same for the shaper lines.
+    shape_overflow: Arc<AtomicU64>,
 }
 
 impl PortDelay {
@@ -153,8 +166,29 @@ impl PortDelay {
         PortDelay {
             forward: line(forward),
             reverse: line(reverse),
+            shape_forward: None,
+            shape_reverse: None,
             overflow,
+            shape_overflow: Arc::default(),
         }
+    }
+
+    /// Adds shaper lines (`slots` packets of up to `slot_size` bytes) for
+    /// the directions that have a shaper; `overflow` counts what did not
+    /// fit.
+    pub fn with_shaper(
+        mut self,
+        forward: bool,
+        reverse: bool,
+        slots: usize,
+        slot_size: usize,
+        overflow: Arc<AtomicU64>,
+    ) -> Self {
+        let line = |on: bool| on.then(|| DelayLine::new(Duration::ZERO, slots, slot_size));
+        self.shape_forward = line(forward);
+        self.shape_reverse = line(reverse);
+        self.shape_overflow = overflow;
+        self
     }
 
     /// No delay (what removes one with [`Core::set_delay`]).
@@ -162,39 +196,102 @@ impl PortDelay {
         PortDelay {
             forward: None,
             reverse: None,
+            shape_forward: None,
+            shape_reverse: None,
             overflow: Arc::default(),
+            shape_overflow: Arc::default(),
         }
     }
 
     /// No line: nothing to delay.
     pub fn is_empty(&self) -> bool {
-        self.forward.is_none() && self.reverse.is_none()
+        self.lines().next().is_none()
+    }
+
+    fn lines(&self) -> impl Iterator<Item = &DelayLine<Dest>> {
+        [
+            &self.forward,
+            &self.reverse,
+            &self.shape_forward,
+            &self.shape_reverse,
+        ]
+        .into_iter()
+        .flatten()
     }
 
     fn next_due(&self) -> Option<Instant> {
-        [&self.forward, &self.reverse]
-            .into_iter()
-            .flatten()
-            .filter_map(DelayLine::next_due)
-            .min()
+        self.lines().filter_map(DelayLine::next_due).min()
+    }
+
+    /// Takes over the packets `old`'s shaper lines still hold, so that a
+    /// chain swap (a new rate) does not drop what was queued. Only into
+    /// empty lines of the same slot size; O(1).
+    fn inherit_queues(&mut self, old: &mut PortDelay) {
+        for (new, old) in [
+            (&mut self.shape_forward, &mut old.shape_forward),
+            (&mut self.shape_reverse, &mut old.shape_reverse),
+        ] {
+            if let (Some(n), Some(o)) = (new.as_mut(), old.as_mut())
+                && n.is_empty()
+                && !o.is_empty()
+                && n.slot_size() == o.slot_size()
+            {
+                std::mem::swap(n, o);
+            }
+        }
+    }
+
+    /// Queues `action`'s output if it must wait: held by a shaper until
+    /// `hold` (plus the `fault` delay), or delayed by `fault`. Returns what
+    /// is left to carry out now ([`Action::Done`] when it was queued).
+    fn take<'a>(
+        &mut self,
+        forward: bool,
+        now: Instant,
+        hold: Option<Instant>,
+        action: Action<'a>,
+    ) -> Action<'a> {
+        if matches!(action, Action::Drop(_) | Action::Done) {
+            return action;
+        }
+        let PortDelay {
+            forward: fwd,
+            reverse: rev,
+            shape_forward,
+            shape_reverse,
+            overflow,
+            shape_overflow,
+        } = self;
+        let (line, shape) = if forward {
+            (fwd, shape_forward)
+        } else {
+            (rev, shape_reverse)
+        };
+        let extra = line.as_ref().map_or(Duration::ZERO, DelayLine::delay);
+        match (hold, shape.as_mut(), line.as_mut()) {
+            (Some(t), Some(s), _) => queue_action(s, shape_overflow, t + extra, action),
+            (_, _, Some(l)) => queue_action(l, overflow, now + extra, action),
+            _ => action,
+        }
     }
 }
 
-/// Queues `action`'s output in `line` instead of sending it.
-fn delay_action(
+/// Queues `action`'s output in `line`, due at `due`, instead of sending it.
+fn queue_action<'a>(
     line: &mut DelayLine<Dest>,
     overflow: &AtomicU64,
-    now: Instant,
-    action: Action<'_>,
-) {
-    let (bytes, dest): (&[u8], Dest) = match action {
-        Action::ToUnderlay { dst, datagram } => (datagram, Dest::Udp(dst)),
-        Action::ToPod { port, packet } => (packet, Dest::Pod(port)),
-        Action::Drop(_) | Action::Done => return,
+    due: Instant,
+    action: Action<'a>,
+) -> Action<'a> {
+    let (bytes, dest): (&[u8], Dest) = match &action {
+        Action::ToUnderlay { dst, datagram } => (&datagram[..], Dest::Udp(*dst)),
+        Action::ToPod { port, packet } => (&packet[..], Dest::Pod(*port)),
+        Action::Drop(_) | Action::Done => return action,
     };
-    if line.push(now, bytes, dest).is_err() {
+    if line.push_at(due, bytes, dest).is_err() {
         overflow.fetch_add(1, Ordering::Relaxed);
     }
+    Action::Done
 }
 
 /// A pod device as the loop sees it.
@@ -272,13 +369,17 @@ impl Core {
 
     /// Installs (or with an empty one, removes) the added delay of pod
     /// port `id`; returns the one it replaces, to be dropped by the caller
-    /// (off the packet thread). Packets still held by it are discarded.
-    pub fn set_delay(&mut self, id: PortId, delay: PortDelay) -> Option<PortDelay> {
-        let old = self
+    /// (off the packet thread). Packets its shaper lines hold move to the
+    /// new shaper lines, if there are any; the rest are discarded.
+    pub fn set_delay(&mut self, id: PortId, mut delay: PortDelay) -> Option<PortDelay> {
+        let mut old = self
             .delays
             .iter()
             .position(|(p, _)| *p == id)
             .map(|i| self.delays.swap_remove(i).1);
+        if let Some(old) = old.as_mut() {
+            delay.inherit_queues(old);
+        }
         if !delay.is_empty() {
             self.delays.push((id, delay));
         }
@@ -584,7 +685,8 @@ impl Worker {
                     let slot = self.out.send.next_slot();
                     let base = slot.as_ptr() as usize;
                     let action = self.core.dp.from_underlay(now, src, datagram, slot);
-                    let action = delay_reverse(&mut self.core.delays, now, action);
+                    let hold = self.core.dp.hold_until();
+                    let action = delay_reverse(&mut self.core.delays, now, hold, action);
                     if let Some((off, len, dst)) =
                         handle_action(action, base, &self.core.ports, &mut self.gro, &self.out.io)
                     {
@@ -634,12 +736,10 @@ impl Worker {
                 let slot = out.send.next_slot();
                 let base = slot.as_ptr() as usize;
                 let action = core.dp.from_pod(now, port, packet, slot);
-                let mut action = delay_reverse(&mut core.delays, now, action);
-                if let Some((_, d)) = core.delays.iter_mut().find(|(p, _)| *p == port)
-                    && let Some(line) = d.forward.as_mut()
-                {
-                    delay_action(line, &d.overflow, now, action);
-                    action = Action::Done;
+                let hold = core.dp.hold_until();
+                let mut action = delay_reverse(&mut core.delays, now, hold, action);
+                if let Some((_, d)) = core.delays.iter_mut().find(|(p, _)| *p == port) {
+                    action = d.take(true, now, hold, action);
                 }
                 if let Some((off, len, dst)) =
                     handle_action(action, base, &core.ports, gro, &out.io)
@@ -665,7 +765,13 @@ impl Worker {
     fn release_due(&mut self, now: Instant) {
         let Worker { core, out, seg, .. } = self;
         for (_, d) in &mut core.delays {
-            for line in [&mut d.forward, &mut d.reverse].into_iter().flatten() {
+            let lines = [
+                &mut d.forward,
+                &mut d.reverse,
+                &mut d.shape_forward,
+                &mut d.shape_reverse,
+            ];
+            for line in lines.into_iter().flatten() {
                 while let Some((len, dest)) = line.pop_due(now, seg) {
                     let bytes = &seg[..len];
                     match dest {
@@ -733,11 +839,13 @@ impl Worker {
     }
 }
 
-/// Holds a pod-bound output in its port's reverse line, if it has one;
-/// returns what is left to carry out.
+/// Holds a pod-bound output in its port's reverse lines, if it has them
+/// and the output must wait (`hold`: a shaper's time); returns what is
+/// left to carry out.
 fn delay_reverse<'a>(
     delays: &mut [(PortId, PortDelay)],
     now: Instant,
+    hold: Option<Instant>,
     action: Action<'a>,
 ) -> Action<'a> {
     if delays.is_empty() {
@@ -745,10 +853,8 @@ fn delay_reverse<'a>(
     }
     if let Action::ToPod { port, .. } = &action
         && let Some((_, d)) = delays.iter_mut().find(|(p, _)| p == port)
-        && let Some(line) = d.reverse.as_mut()
     {
-        delay_action(line, &d.overflow, now, action);
-        return Action::Done;
+        return d.take(false, now, hold, action);
     }
     action
 }

@@ -284,11 +284,81 @@ impl NetworkServiceEndpoint {
     }
 }
 
+/// The API group of nsm-rs's own resources (not NSM's).
+pub const NSM_RS_GROUP: &str = "nsm-rs.io";
+
+/// A service-chaining policy of nsm-rs (see `nsm_policy` and the README's
+/// "Service chains"): the object's name is the policy's name, the spec is
+/// the policy without it. `match` and `chain` are checked by the managers,
+/// which log a bad object naming it and keep its last good version in force;
+/// the schema only keeps them objects.
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "nsm-rs.io",
+    version = "v1alpha1",
+    kind = "ChainPolicy",
+    plural = "chainpolicies",
+    shortname = "chainpol",
+    namespaced
+)]
+pub struct ChainPolicySpec {
+    /// Lower applies first, nearer the client (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
+    /// Which connections (and optionally packets) it applies to:
+    /// `{service, source: {labels}, proto, src, dst, src_port, dst_port}`.
+    #[serde(rename = "match")]
+    #[schemars(schema_with = "free_object")]
+    pub matches: serde_json::Value,
+    /// The ordered functions, each a one-key map (`{acl: {...}}`).
+    #[serde(default)]
+    #[schemars(schema_with = "free_objects")]
+    pub chain: Vec<serde_json::Value>,
+}
+
+fn free_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
+fn free_objects(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+    })
+}
+
+impl ChainPolicy {
+    /// The policy this object holds, checked on its own.
+    ///
+    /// # Errors
+    /// The object does not hold a valid policy (the error names it).
+    pub fn to_policy(&self) -> Result<nsm_policy::Policy, nsm_policy::PolicyError> {
+        let name = self.metadata.name.clone().unwrap_or_default();
+        let mut v = serde_json::json!({
+            "name": name,
+            "match": self.spec.matches,
+            "chain": self.spec.chain,
+        });
+        if let Some(p) = self.spec.priority {
+            v["priority"] = p.into();
+        }
+        let policy = nsm_policy::parse_values(vec![v])?
+            .pop()
+            .expect("one value in, one policy out");
+        nsm_policy::PolicySet::new(vec![policy.clone()])?;
+        Ok(policy)
+    }
+}
+
 /// Every CRD of nsm-rs, in the order they are applied.
 pub fn all()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![NetworkService::crd(), NetworkServiceEndpoint::crd()]
+    vec![
+        NetworkService::crd(),
+        NetworkServiceEndpoint::crd(),
+        ChainPolicy::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML file (what `deploy/crds.yaml` holds).

@@ -7,6 +7,10 @@
 //! puts the interface into the endpoint's namespace, which the endpoint
 //! reports in its reply as the KERNEL mechanism's `inodeURL`
 //! (`file:///proc/<pid>/ns/net`), as NSM endpoints do.
+//!
+//! Serving and registration are [`serve_and_register`], generic over the
+//! `NetworkService` implementation, so that other endpoints (the
+//! `nsm-passthrough` chain function) share them.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -155,6 +159,35 @@ impl NetworkService for EndpointService {
 pub struct EndpointHandle {
     /// The service (for inspecting its table).
     pub service: EndpointService,
+    registration: Registration,
+}
+
+impl EndpointHandle {
+    /// Unregisters and stops serving.
+    pub async fn shutdown(self) {
+        self.registration.shutdown().await;
+    }
+}
+
+/// Serves the endpoint and registers it (once, synchronously, so that a
+/// caller knows it is findable when this returns), then keeps refreshing.
+///
+/// # Errors
+/// [`EndpointError`].
+pub async fn start_endpoint(opts: EndpointOptions) -> Result<EndpointHandle, EndpointError> {
+    let inode_url = opts.inode_url.clone().unwrap_or_else(crate::netns::own_url);
+    let service = EndpointService::new(&opts.name, &inode_url);
+    let registration = serve_and_register(&opts, service.clone()).await?;
+    Ok(EndpointHandle {
+        service,
+        registration,
+    })
+}
+
+/// A `NetworkService` being served on its unix socket and registered
+/// through the local manager, with its refresher; see [`serve_and_register`].
+#[derive(Debug)]
+pub struct Registration {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     refresher: JoinHandle<()>,
@@ -162,8 +195,9 @@ pub struct EndpointHandle {
     nse: NetworkServiceEndpoint,
 }
 
-impl EndpointHandle {
-    /// Unregisters and stops serving.
+impl Registration {
+    /// Stops refreshing, unregisters, and stops serving (waiting up to 5 s
+    /// for requests in flight).
     pub async fn shutdown(self) {
         self.refresher.abort();
         if let Err(e) = self.registry.clone().unregister(self.nse.clone()).await {
@@ -174,22 +208,34 @@ impl EndpointHandle {
     }
 }
 
-/// Serves the endpoint and registers it (once, synchronously, so that a
-/// caller knows it is findable when this returns), then keeps refreshing.
+/// Serves `service` on `opts.listen` and registers it as endpoint
+/// `opts.name` of `opts.service` (with `opts.labels`, `url =
+/// unix://LISTEN`) through the manager at `opts.manager`: once,
+/// synchronously, so that the caller knows it is findable when this
+/// returns; then refreshes at a third of `opts.registration_lifetime`.
+///
+/// This is the part every endpoint shares, whatever it does with requests:
+/// [`start_endpoint`] passes the accepting [`EndpointService`], a chain
+/// function (e.g. `nsm-passthrough`) its own. `opts.inode_url` is not used
+/// here (it is the service's business).
+///
+/// On failure nothing keeps running and the socket can be bound again, so
+/// that the caller may retry (e.g. while the manager is starting).
 ///
 /// # Errors
 /// [`EndpointError`].
-pub async fn start_endpoint(opts: EndpointOptions) -> Result<EndpointHandle, EndpointError> {
+pub async fn serve_and_register<S: NetworkService>(
+    opts: &EndpointOptions,
+    service: S,
+) -> Result<Registration, EndpointError> {
     let incoming =
         nsm_proto::uds::bind_unix(&opts.listen).map_err(|source| EndpointError::Listen {
             path: opts.listen.display().to_string(),
             source,
         })?;
-    let inode_url = opts.inode_url.clone().unwrap_or_else(crate::netns::own_url);
-    let service = EndpointService::new(&opts.name, &inode_url);
     let (stop, mut stop_rx) = watch::channel(false);
     let srv = Server::builder()
-        .add_service(NetworkServiceServer::new(service.clone()))
+        .add_service(NetworkServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         });
@@ -215,7 +261,7 @@ pub async fn start_endpoint(opts: EndpointOptions) -> Result<EndpointHandle, End
         expiration_time: Some(to_ts(SystemTime::now() + lifetime)),
         ..Default::default()
     };
-    let nse = make(&opts);
+    let nse = make(opts);
     if let Err(status) = registry.clone().register(nse.clone()).await {
         // Stop serving before returning so that a retry can bind the socket again.
         let _ = stop.send(true);
@@ -239,8 +285,7 @@ pub async fn start_endpoint(opts: EndpointOptions) -> Result<EndpointHandle, End
             }
         })
     };
-    Ok(EndpointHandle {
-        service,
+    Ok(Registration {
         stop,
         server,
         refresher,

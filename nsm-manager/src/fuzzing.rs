@@ -305,6 +305,68 @@ mod tests {
         }
     }
 
+    /// A chain function's hop (an unsigned passthrough segment between two
+    /// segments of its manager) passes a peer's check; any variation that
+    /// would let a hop be forged does not.
+    #[test]
+    fn function_hop_is_vouched_for_by_its_manager_only() {
+        use crate::token::TokenError;
+        let ids = ids();
+        let now = SystemTime::now();
+        let exp = now + Duration::from_secs(60);
+        let seg = |name: &str, id: &str, token: String| PathSegment {
+            name: name.into(),
+            id: id.into(),
+            token,
+            ..Default::default()
+        };
+        let path = |x_signer: &Identity, x_aud: &str, f_name: &str| Path {
+            index: 3,
+            path_segments: vec![
+                seg(
+                    "node-1",
+                    "x",
+                    token::sign(x_signer, x_aud, "x", now, exp).unwrap(),
+                ),
+                seg(f_name, "f", String::new()),
+                seg(
+                    "node-1",
+                    "z",
+                    token::sign(&ids.member, &ids.server.id, "z", now, exp).unwrap(),
+                ),
+                seg("node-2", "own", String::new()),
+            ],
+        };
+        let cert = ids.member.chain[0].clone();
+        let check = |p: &Path| {
+            token::verify_path(
+                p,
+                2,
+                3,
+                Caller::Peer {
+                    id: &ids.member.id,
+                    cert: &cert,
+                },
+                &ids.server.id,
+                &ids.server.roots,
+                now,
+            )
+        };
+        assert_eq!(check(&path(&ids.member, "fn-1", "fn-1")), Ok(()));
+        // Not the endpoint the manager dispatched to.
+        assert_eq!(
+            check(&path(&ids.member, "fn-1", "fn-2")),
+            Err(TokenError::Unsigned { index: 1 })
+        );
+        // Dispatched by another manager than the one it came back through.
+        assert_eq!(
+            check(&path(&ids.server, "fn-1", "fn-1")),
+            Err(TokenError::Unsigned { index: 1 })
+        );
+        // A forged dispatch token (untrusted CA) is caught when verified.
+        assert!(check(&path(&ids.rogue, "fn-1", "fn-1")).is_err());
+    }
+
     /// A seeded random run of the structured target, so the interesting
     /// branches (valid signatures) are reached without libFuzzer.
     #[test]

@@ -19,6 +19,7 @@
 //!   resources, watched into a cache, expired endpoints reaped);
 //! - [`pods`]: cluster mode's pods of this node: the `nsm.manager.v1.Pods`
 //!   API the CNI plugin calls, and annotation reconciliation;
+//! - [`policies`]: the `--policies` file (chain policies), followed for changes;
 //! - [`ipam`]: point-to-point address pairs, one owner per lab;
 //! - [`select`]: NSM's match semantics for endpoint selection;
 //! - [`forwarder`]: client and watcher of the local forwarder;
@@ -31,7 +32,10 @@
 //! - [`tls`]: mTLS between managers (rustls);
 //! - [`token`]: signed path segments (ES256 JWT) and their verification;
 //! - [`authz`]: the authorization policy and registry ownership;
-//! - [`fuzzing`]: entry points of the fuzz targets (and their corpus replay).
+//! - [`fuzzing`]: entry points of the fuzz targets (and their corpus replay);
+//! - [`inspect`]: `nsmctl`'s operator views (tables, JSON, `describe`) built
+//!   from the manager's and the forwarder's public gRPC APIs;
+//! - [`graph`]: the mesh as a picture: a plain model and a pure SVG/DOT renderer.
 
 #![forbid(unsafe_code)]
 
@@ -41,11 +45,14 @@ pub mod config;
 pub mod endpoint;
 pub mod forwarder;
 pub mod fuzzing;
+pub mod graph;
 pub mod identity;
+pub mod inspect;
 pub mod ipam;
 pub mod manager;
 pub mod netns;
 pub mod pods;
+pub mod policies;
 pub mod registry;
 pub mod select;
 pub mod server;

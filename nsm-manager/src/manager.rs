@@ -17,17 +17,34 @@
 //! step; a failed refresh leaves the established connection alone until it
 //! expires, as NSM does.
 //!
+//! # Service chains
+//! The policies ([`nsm_policy`]) compile a connection into segments. The
+//! manager of a client-side connection puts its segment's built-in
+//! functions into the cross-connect's chain, and steers the connection to
+//! the segment's endpoint function (an endpoint of another service) when
+//! there is one, else to the requested service. A function endpoint
+//! requests the same service onward through its own manager (NSM's
+//! composition); that manager knows which segment the onward request is
+//! because the path carries the segment of the hop it dispatched to the
+//! function (a record, or a pending dispatch, with `function` set); it
+//! plans with that hop's labels (the original client's), whatever labels
+//! the function requests with. Peers tell each other where a forwarded hop
+//! stands in `extra_context[nsm-rs.io/chain]` ([`ChainHop`], trusted only
+//! from peer managers). Only the first segment allocates
+//! addresses; later ones carry the client's, and function endpoints'
+//! interfaces get none: they forward, they do not answer.
+//!
 //! This module never touches a network namespace: it only tells the
 //! forwarder what to do.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
+use nsm_policy::PolicySet;
 use nsm_proto::connection::{
     Connection, ConnectionEvent, ConnectionEventType, Mechanism, MonitorScopeSelector, Path,
     PathSegment, State,
@@ -35,8 +52,8 @@ use nsm_proto::connection::{
 use nsm_proto::connectioncontext::{ConnectionContext, IpContext, Route as CtxRoute};
 use nsm_proto::forwarder::v1::side::Kind;
 use nsm_proto::forwarder::v1::{
-    CrossConnect, CrossConnectStatus, KernelInterface, Payload as FwdPayload, Route as FwdRoute,
-    Side, WireguardTunnel,
+    Chain, CrossConnect, CrossConnectStatus, KernelInterface, Payload as FwdPayload,
+    Route as FwdRoute, Side, WireguardTunnel,
 };
 use nsm_proto::mechanisms::{self, cls, kernel, wireguard};
 use nsm_proto::networkservice::NetworkServiceRequest;
@@ -61,6 +78,27 @@ use crate::util::{Channels, to_ts};
 /// configured); with an identity each segment carries an ES256 JWT
 /// (see [`crate::token`]).
 pub const TOKEN_PLACEHOLDER: &str = "nsm-rs-unsigned";
+
+/// `extra_context` key with which a manager tells a peer where a forwarded
+/// request stands in its chain: a [`ChainHop`] as JSON (see the module
+/// docs). Trusted only from peer managers; dropped and rewritten on
+/// requests from local clients.
+pub const CHAIN_KEY: &str = "nsm-rs.io/chain";
+
+/// Where a connection stands in its chain plan, as decided by the manager
+/// that planned it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChainHop {
+    /// The segment (0: the client's connection).
+    pub segment: u32,
+    /// The endpoint function's service it goes to; `None`: the requested
+    /// service's endpoints.
+    pub target: Option<String>,
+    /// The labels the plan was made with: the original client's, which
+    /// later segments keep even when a function requests onward with its
+    /// own labels (as NSM passthroughs may).
+    pub labels: BTreeMap<String, String>,
+}
 
 /// Why a Request failed; every variant names what and why.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +253,16 @@ pub struct Record {
     /// records from before this field.
     #[serde(default)]
     pub requester: Option<String>,
+    /// Which segment of its chain plan this connection is (0: the client's).
+    #[serde(default)]
+    pub segment: u32,
+    /// The endpoint function's service this connection goes to, `None`
+    /// when it goes to the requested service's endpoints.
+    #[serde(default)]
+    pub function: Option<String>,
+    /// The labels its chain was planned with (the original client's).
+    #[serde(default)]
+    pub plan_labels: BTreeMap<String, String>,
 }
 
 fn now_ms() -> u64 {
@@ -243,7 +291,21 @@ pub struct Manager {
     channels: Channels,
     events: broadcast::Sender<ConnectionEvent>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    rr: AtomicUsize,
+    /// Round-robin position per service (one counter per service, so that
+    /// the several selections of a chained request spread each service's
+    /// endpoints evenly).
+    rr: Mutex<HashMap<String, usize>>,
+    /// The chain policies in force.
+    policies: RwLock<Arc<PolicySet>>,
+    /// The policies of each source (the `--policies` file, the cluster's
+    /// ChainPolicy objects); their union is what is in force.
+    policy_sources: Mutex<BTreeMap<&'static str, Vec<nsm_policy::Policy>>>,
+    /// Dispatches to a function endpoint in flight: our segment id ->
+    /// chain segment (the record is stored only once the endpoint replied,
+    /// and its onward request arrives before that).
+    pending_hops: Mutex<HashMap<String, PlannedHop>>,
+    /// Last heal attempt per connection id (ms), to pace retries.
+    heal_attempts: Mutex<HashMap<String, u64>>,
 }
 
 /// Applies NSM's `updatepath` to `path` for hop `name`: returns the path
@@ -368,6 +430,22 @@ fn netns_of(m: &Mechanism) -> Result<String, NetnsError> {
     Ok(netns::resolve(&r)?.display().to_string())
 }
 
+/// A connection's labels, ordered (the policies' view of them).
+fn labels_of(conn: &Connection) -> BTreeMap<String, String> {
+    conn.labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The cross-connect's chain: absent when it has no functions.
+/// A hop's chain segment and the labels its chain was planned with.
+type PlannedHop = (u32, BTreeMap<String, String>);
+
+fn chain_of(chain: &Chain) -> Option<Chain> {
+    (!chain.functions.is_empty()).then(|| chain.clone())
+}
+
 fn ip_context(conn: &Connection) -> IpContext {
     conn.context
         .as_ref()
@@ -397,7 +475,11 @@ impl Manager {
             ipam,
             events: broadcast::channel(1024).0,
             locks: Mutex::new(HashMap::new()),
-            rr: AtomicUsize::new(0),
+            rr: Mutex::new(HashMap::new()),
+            policies: RwLock::new(Arc::default()),
+            policy_sources: Mutex::new(BTreeMap::new()),
+            pending_hops: Mutex::new(HashMap::new()),
+            heal_attempts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -409,6 +491,139 @@ impl Manager {
     /// All connections held, as their records.
     pub fn records(&self) -> Vec<Record> {
         self.conns.all().into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// The chain policies in force.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `set` in force and brings every connection of ours in line
+    /// with it: a changed built-in chain is pushed to the forwarder in
+    /// place (the flow keeps running); a connection whose endpoint function
+    /// changed is re-requested, which re-routes it.
+    pub async fn set_policies(&self, set: PolicySet) {
+        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        let set = self.policies();
+        for (id, rec) in self.conns.all() {
+            if rec.role != Role::Client {
+                continue;
+            }
+            let labels = if rec.plan_labels.is_empty() {
+                labels_of(&rec.conn.0)
+            } else {
+                rec.plan_labels.clone()
+            };
+            let plan = set.plan(&rec.conn.0.network_service, &labels);
+            let seg = plan
+                .segment(rec.segment as usize)
+                .cloned()
+                .unwrap_or_default();
+            if seg.function != rec.function {
+                tracing::info!(id = %id, from = ?rec.function, to = ?seg.function, "policies changed the connection's route; re-requesting");
+                if let Err(e) = self.refresh(&rec).await {
+                    tracing::warn!(id = %id, error = %e, "re-routing after a policy change failed");
+                }
+            } else if let Err(e) = self.push_chain(&id, chain_of(&seg.chain)).await {
+                tracing::warn!(id = %id, error = %e, "pushing the new chain failed; the old one stays");
+            }
+        }
+    }
+
+    /// Replaces the policies of one `source` and puts the union of all
+    /// sources in force ([`Manager::set_policies`]).
+    ///
+    /// # Errors
+    /// The union does not check out (a bad policy, a name used by two
+    /// sources, a loop across them): nothing changes.
+    pub async fn set_policy_source(
+        &self,
+        source: &'static str,
+        policies: Vec<nsm_policy::Policy>,
+    ) -> Result<(), nsm_policy::PolicyError> {
+        let set = {
+            let mut sources = self
+                .policy_sources
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let mut next = sources.clone();
+            next.insert(source, policies);
+            let set = PolicySet::new(next.values().flatten().cloned().collect())?;
+            *sources = next;
+            set
+        };
+        self.set_policies(set).await;
+        Ok(())
+    }
+
+    /// Replaces a connection's built-in chain (nothing else) if it differs.
+    async fn push_chain(&self, id: &str, chain: Option<Chain>) -> Result<(), RequestError> {
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        let Some(mut rec) = self.conns.get(id) else {
+            return Ok(());
+        };
+        if rec.xconnect.0.chain == chain {
+            return Ok(());
+        }
+        let mut xc = rec.xconnect.0.clone();
+        xc.chain = chain;
+        self.forwarder.program(xc.clone()).await?;
+        tracing::info!(id = %id, functions = xc.chain.as_ref().map_or(0, |c| c.functions.len()), "chain updated");
+        rec.xconnect = Pb(xc);
+        self.conns.put(id, rec)?;
+        Ok(())
+    }
+
+    /// The chain segment of a client-side request, and the labels to plan
+    /// it with: the segment after the one we dispatched to the function
+    /// endpoint that is now requesting onward (its hop is on the path
+    /// before ours) with that hop's labels, else 0 with the request's.
+    fn client_hop(&self, conn: &Connection) -> (u32, BTreeMap<String, String>) {
+        conn.path
+            .as_ref()
+            .and_then(|path| {
+                let idx = (path.index as usize).min(path.path_segments.len());
+                path.path_segments[..idx]
+                    .iter()
+                    .rev()
+                    .find_map(|seg| self.function_hop(&seg.id))
+            })
+            .map_or_else(
+                || (0, labels_of(conn)),
+                |(s, labels)| (s.saturating_add(1), labels),
+            )
+    }
+
+    /// The segment and plan labels of our hop `id` if it goes to a
+    /// function endpoint.
+    fn function_hop(&self, id: &str) -> Option<PlannedHop> {
+        if id.is_empty() {
+            return None;
+        }
+        let pending = self
+            .pending_hops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        pending.or_else(|| {
+            self.conns
+                .get(id)
+                .filter(|r| r.function.is_some())
+                .map(|r| (r.segment, r.plan_labels))
+        })
+    }
+
+    fn set_pending(&self, id: &str, hop: Option<PlannedHop>) {
+        let mut m = self.pending_hops.lock().unwrap_or_else(|p| p.into_inner());
+        match hop {
+            Some(h) => m.insert(id.to_string(), h),
+            None => m.remove(id),
+        };
     }
 
     fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -686,19 +901,31 @@ impl Manager {
         }
     }
 
+    /// Selects an endpoint of `service` (the requested one, or the chain's
+    /// endpoint function) for `conn`.
     async fn pick_endpoint(
         &self,
+        service: &str,
+        function: bool,
         conn: &Connection,
         existing: Option<&Record>,
         only_local: bool,
     ) -> Result<NetworkServiceEndpoint, RequestError> {
-        let service = &conn.network_service;
-        let ns = self
+        let ns = match self
             .registry
             .get_service(service)
             .await
             .map_err(RequestError::Registry)?
-            .ok_or_else(|| RequestError::UnknownService(service.clone()))?;
+        {
+            Some(ns) => ns,
+            // A function's service needs no registration of its own: its
+            // endpoints are enough (they are selected without matches).
+            None if function => nsm_proto::registry::NetworkService {
+                name: service.to_string(),
+                ..Default::default()
+            },
+            None => return Err(RequestError::UnknownService(service.to_string())),
+        };
         let mut eps = self
             .registry
             .endpoints_of(service)
@@ -725,7 +952,13 @@ impl Manager {
             // The old endpoint (or its data path) just failed: prefer another.
             cands.retain(|e| Some(e.name.as_str()) != prefer);
         }
-        let i = self.rr.fetch_add(1, Ordering::Relaxed) % cands.len();
+        let i = {
+            let mut rr = self.rr.lock().unwrap_or_else(|p| p.into_inner());
+            let n = rr.entry(service.to_string()).or_default();
+            let i = *n % cands.len();
+            *n = n.wrapping_add(1);
+            i
+        };
         Ok(cands[i].clone())
     }
 
@@ -831,60 +1064,113 @@ impl Manager {
             }
             e => e.into(),
         })?;
-        let nse = self.pick_endpoint(conn, existing, false).await?;
+        // The chain: which segment this is, its built-in functions, and
+        // where it goes (an endpoint function, or the service itself).
+        let (segment, plan_labels) = self.client_hop(conn);
+        let plan = self.policies().plan(&service, &plan_labels);
+        let seg = plan.segment(segment as usize).cloned().unwrap_or_default();
+        let target = seg.function.clone();
+        let chain = chain_of(&seg.chain);
+        let nse = self
+            .pick_endpoint(
+                target.as_deref().unwrap_or(&service),
+                target.is_some(),
+                conn,
+                existing,
+                false,
+            )
+            .await?;
         self.close_old_endpoint(existing, &nse.name).await;
         let payload = self.payload_of(conn).await;
-        // Addresses: this manager owns the lease of a connection it started.
         let mut ipc = ip_context(conn);
-        let exclude: Vec<IpNet> = ipc
-            .excluded_prefixes
-            .iter()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        let pairs = self.ipam.allocate(&service, &conn.id, &exclude).await?;
         let new = existing.is_none();
+        // Addresses: this manager owns the lease of a connection it started;
+        // later segments of a chain carry the client's addresses.
+        let leased = segment == 0;
+        if leased {
+            let exclude: Vec<IpNet> = ipc
+                .excluded_prefixes
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            let pairs = self.ipam.allocate(&service, &conn.id, &exclude).await?;
+            ipc.src_ip_addrs = pairs.iter().map(|p| p.client.to_string()).collect();
+            ipc.dst_ip_addrs = pairs.iter().map(|p| p.endpoint.to_string()).collect();
+            ipc.src_routes = pairs
+                .iter()
+                .map(|p| CtxRoute {
+                    prefix: p.endpoint.to_string(),
+                    next_hop: String::new(),
+                })
+                .collect();
+            ipc.dst_routes = pairs
+                .iter()
+                .map(|p| CtxRoute {
+                    prefix: p.client.to_string(),
+                    next_hop: String::new(),
+                })
+                .collect();
+        }
         let undo_lease = async || {
-            if new && let Err(e) = self.ipam.release(&service, &conn.id).await {
+            if new
+                && leased
+                && let Err(e) = self.ipam.release(&service, &conn.id).await
+            {
                 tracing::warn!(id = %conn.id, error = %e, "releasing lease after failure");
             }
         };
-        ipc.src_ip_addrs = pairs.iter().map(|p| p.client.to_string()).collect();
-        ipc.dst_ip_addrs = pairs.iter().map(|p| p.endpoint.to_string()).collect();
-        ipc.src_routes = pairs
-            .iter()
-            .map(|p| CtxRoute {
-                prefix: p.endpoint.to_string(),
-                next_hop: String::new(),
-            })
-            .collect();
-        ipc.dst_routes = pairs
-            .iter()
-            .map(|p| CtxRoute {
-                prefix: p.client.to_string(),
-                next_hop: String::new(),
-            })
-            .collect();
         let mut out = conn.clone();
         out.payload = payload.clone();
         out.network_service_endpoint_name = nse.name.clone();
         let mut ctx = out.context.clone().unwrap_or_default();
         ctx.ip_context = Some(ipc.clone());
+        // Only we say where a hop stands (a client cannot skip a function).
+        ctx.extra_context.remove(CHAIN_KEY);
+        if segment > 0 || target.is_some() {
+            let hop = ChainHop {
+                segment,
+                target: target.clone(),
+                labels: plan_labels.clone(),
+            };
+            ctx.extra_context.insert(
+                CHAIN_KEY.into(),
+                serde_json::to_string(&hop).unwrap_or_default(),
+            );
+        }
         out.context = Some(ctx.clone());
         out.state = State::Up as i32;
         let mtu = ctx.mtu;
+        // A function endpoint's onward interface and its incoming one carry
+        // no addresses: the function forwards the client's packets.
+        let (src_addrs, src_routes) = if leased {
+            (ipc.src_ip_addrs.clone(), ipc.src_routes.clone())
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let (dst_addrs, dst_routes) = if target.is_some() {
+            (Vec::new(), Vec::new())
+        } else {
+            (ipc.dst_ip_addrs.clone(), ipc.dst_routes.clone())
+        };
         let client_side = kernel_side(
             &client_netns,
             &ifname,
             &payload,
-            &ipc.src_ip_addrs,
-            &ipc.src_routes,
+            &src_addrs,
+            &src_routes,
             mtu,
         );
         let client_mech = mech(mechanisms::KERNEL, cls::LOCAL, k.parameters.clone());
 
         if let Some(url) = self.local_url(&nse) {
             // Same node: the endpoint first (it tells us its netns), then one kernel<->kernel cross-connect.
-            let (reply, nse_netns) = match self.ask_endpoint(&nse.name, &url, &out).await {
+            self.set_pending(
+                &conn.id,
+                target.as_ref().map(|_| (segment, plan_labels.clone())),
+            );
+            let asked = self.ask_endpoint(&nse.name, &url, &out).await;
+            self.set_pending(&conn.id, None);
+            let (reply, nse_netns) = match asked {
                 Ok(r) => r,
                 Err(e) => {
                     undo_lease().await;
@@ -898,12 +1184,11 @@ impl Manager {
                     &nse_netns,
                     &nse_ifname(&conn.id),
                     &payload,
-                    &ipc.dst_ip_addrs,
-                    &ipc.dst_routes,
+                    &dst_addrs,
+                    &dst_routes,
                     mtu,
                 )),
-                // No service chain from the manager yet: the forwarder's default.
-                ..Default::default()
+                chain: chain.clone(),
             };
             if let Err(e) = self.forwarder.program(xc.clone()).await {
                 if new {
@@ -927,11 +1212,14 @@ impl Manager {
                 remote: false,
                 downstream: Pb(reply),
                 xconnect: Pb(xc),
-                lease: Some(service),
+                lease: leased.then_some(service),
                 managed: false,
                 expires_ms: 0,
                 refreshed_ms: 0,
                 requester: None,
+                segment,
+                function: target.clone(),
+                plan_labels: plan_labels.clone(),
             });
         }
 
@@ -956,7 +1244,7 @@ impl Manager {
             id: conn.id.clone(),
             source: Some(client_side),
             destination: Some(wg_side(&pip, pport, &pkey)),
-            ..Default::default()
+            chain,
         };
         let st: CrossConnectStatus = match self.forwarder.program(xc.clone()).await {
             Ok(st) => st,
@@ -1081,11 +1369,14 @@ impl Manager {
             remote: true,
             downstream: Pb(reply),
             xconnect: Pb(xc),
-            lease: Some(service),
+            lease: leased.then_some(service),
             managed: false,
             expires_ms: 0,
             refreshed_ms: 0,
             requester: None,
+            segment,
+            function: target.clone(),
+            plan_labels: plan_labels.clone(),
         })
     }
 
@@ -1106,7 +1397,27 @@ impl Manager {
                 what: "WIREGUARD preference needs src_ip, src_port and src_public_key".into(),
             });
         }
-        let nse = self.pick_endpoint(conn, existing, true).await?;
+        // The peer that planned the chain says where this hop stands (see
+        // the module docs); without it, no chain.
+        let hop: ChainHop = conn
+            .context
+            .as_ref()
+            .and_then(|c| c.extra_context.get(CHAIN_KEY))
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_else(|| ChainHop {
+                labels: labels_of(conn),
+                ..Default::default()
+            });
+        let (segment, target, plan_labels) = (hop.segment, hop.target, hop.labels);
+        let nse = self
+            .pick_endpoint(
+                target.as_deref().unwrap_or(&service),
+                target.is_some(),
+                conn,
+                existing,
+                true,
+            )
+            .await?;
         self.close_old_endpoint(existing, &nse.name).await;
         let url = self.local_url(&nse).ok_or_else(|| RequestError::Endpoint {
             name: nse.name.clone(),
@@ -1117,9 +1428,21 @@ impl Manager {
         let mut out = conn.clone();
         out.payload = payload.clone();
         out.network_service_endpoint_name = nse.name.clone();
-        let (reply, nse_netns) = self.ask_endpoint(&nse.name, &url, &out).await?;
+        self.set_pending(
+            &conn.id,
+            target.as_ref().map(|_| (segment, plan_labels.clone())),
+        );
+        let asked = self.ask_endpoint(&nse.name, &url, &out).await;
+        self.set_pending(&conn.id, None);
+        let (reply, nse_netns) = asked?;
         let ipc = ip_context(&out);
         let mtu = out.context.as_ref().map(|c| c.mtu).unwrap_or(0);
+        // A function endpoint's interface gets no addresses (it forwards).
+        let (dst_addrs, dst_routes) = if target.is_some() {
+            (Vec::new(), Vec::new())
+        } else {
+            (ipc.dst_ip_addrs.clone(), ipc.dst_routes.clone())
+        };
         let xc = CrossConnect {
             id: conn.id.clone(),
             source: Some(wg_side(&src_ip, src_port, &src_key)),
@@ -1127,8 +1450,8 @@ impl Manager {
                 &nse_netns,
                 &nse_ifname(&conn.id),
                 &payload,
-                &ipc.dst_ip_addrs,
-                &ipc.dst_routes,
+                &dst_addrs,
+                &dst_routes,
                 mtu,
             )),
             ..Default::default()
@@ -1180,6 +1503,9 @@ impl Manager {
             expires_ms: 0,
             refreshed_ms: 0,
             requester: None,
+            segment,
+            function: target.clone(),
+            plan_labels: plan_labels.clone(),
         })
     }
 
@@ -1199,13 +1525,23 @@ impl Manager {
 
     /// Our connection id in a connection sent to Close: the segment with our
     /// name, else the connection id.
+    /// Our segment's id in `conn`'s path. A path may hold several segments
+    /// of ours (a chain passes a node twice: to a function endpoint, then
+    /// onward from it), so the position decides: the segment after the
+    /// caller's (`index`, on a Close from the previous hop), else the one
+    /// at `index`, else the nearest of ours before it (a peer's view).
     fn our_id(&self, conn: &Connection) -> String {
+        let me = self.settings.name.as_str();
         conn.path
             .as_ref()
+            .filter(|p| !p.path_segments.is_empty())
             .and_then(|p| {
-                p.path_segments
-                    .iter()
-                    .find(|s| s.name == self.settings.name)
+                let segs = &p.path_segments;
+                let i = (p.index as usize).min(segs.len() - 1);
+                segs.get(i + 1)
+                    .filter(|s| s.name == me)
+                    .or_else(|| segs[..=i].iter().rev().find(|s| s.name == me))
+                    .or_else(|| segs.iter().find(|s| s.name == me))
             })
             .map(|s| s.id.clone())
             .unwrap_or_else(|| conn.id.clone())
@@ -1306,12 +1642,50 @@ impl Manager {
                 if let Err(e) = self.close_id(&id, "expired").await {
                     tracing::warn!(id = %id, error = %e, "cannot remove expired connection");
                 }
+            } else if self.endpoint_gone(&rec) {
+                self.heal(&id, &rec, now).await;
             } else if managed
                 && now.saturating_sub(rec.refreshed_ms) >= third
                 && let Err(e) = self.refresh(&rec).await
             {
                 tracing::warn!(id = %id, error = %e, "refresh of managed connection failed");
             }
+        }
+    }
+
+    /// A local endpoint that unregistered (it stopped) no longer serves the
+    /// connections that went to it.
+    fn endpoint_gone(&self, rec: &Record) -> bool {
+        !rec.remote
+            && !rec.endpoint_name.is_empty()
+            && self.local_nses.get(&rec.endpoint_name).is_none()
+    }
+
+    /// Moves a connection off a vanished local endpoint: a client-side one
+    /// is re-requested (selection skips the vanished endpoint: another
+    /// instance, or for a chain, another instance of the function); an
+    /// endpoint-side one is closed, and the DELETE event makes the client's
+    /// manager, which monitors us, re-request it. Attempts are paced.
+    async fn heal(&self, id: &str, rec: &Record, now: u64) {
+        const PACE_MS: u64 = 2_000;
+        {
+            let mut m = self.heal_attempts.lock().unwrap_or_else(|p| p.into_inner());
+            m.retain(|_, t| now.saturating_sub(*t) < 60_000);
+            if m.get(id).is_some_and(|t| now.saturating_sub(*t) < PACE_MS) {
+                return;
+            }
+            m.insert(id.to_string(), now);
+        }
+        tracing::info!(id = %id, endpoint = %rec.endpoint_name, role = ?rec.role, "endpoint gone; healing");
+        let res = match rec.role {
+            Role::Client => self.refresh(rec).await,
+            Role::Endpoint => self
+                .close_id(id, "endpoint gone")
+                .await
+                .map_err(RequestError::from),
+        };
+        if let Err(e) = res {
+            tracing::warn!(id = %id, error = %e, "healing failed; will retry");
         }
     }
 

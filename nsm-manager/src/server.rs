@@ -144,6 +144,11 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// Runs `task` in the background until shutdown (which aborts it).
+    pub fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.background.push(tokio::spawn(task));
+    }
+
     /// Graceful shutdown: stops accepting, finishes in-flight calls, stops
     /// timers. State stays on disk; connections stay programmed.
     pub async fn shutdown(self) {
@@ -424,6 +429,14 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
     }
     if let Some(p) = &pods {
         background.push(tokio::spawn(p.clone().run()));
+    }
+    if let Some(c) = &opts.cluster {
+        // Chain policies as custom resources (nsm-rs.io ChainPolicy).
+        let api = kube::Api::namespaced(c.client.clone(), &c.namespace);
+        background.push(tokio::spawn(crate::policies::follow_cluster(
+            manager.clone(),
+            api,
+        )));
     }
     let spiffe_id = tls.as_ref().map(|t| t.identity().id.clone());
     tracing::info!(name = %opts.name, spiffe_id = spiffe_id.as_deref().unwrap_or("(none: insecure)"), cluster = opts.cluster.as_ref().map(|c| c.namespace.as_str()), listen = %opts.listen.display(), peer = %peer_addr, advertise = %advertise_url,

@@ -26,7 +26,11 @@
 //!   another connection's path (a replay into a different connection) fails.
 //!
 //! Only segment 0 may be unsigned: it is a local client identified at its
-//! own manager by the unix socket's peer credentials. A request on our own
+//! own manager by the unix socket's peer credentials. The one exception is
+//! a chain function's hop (a passthrough endpoint that requests onward): an
+//! unsigned segment between two segments signed by the same manager, the
+//! first of them signed for the unsigned segment's name (the manager
+//! dispatched to its local endpoint, which came back through it). A request on our own
 //! unix socket has no TLS peer: signed segments are checked individually
 //! (signature, certificate, expiry, segment binding) without the chain rule.
 //!
@@ -306,6 +310,22 @@ pub fn verify_path(
                 continue;
             }
             if matches!(caller, Caller::Local) {
+                next_sub = None;
+                continue;
+            }
+            // A chain function's hop: a local endpoint (no identity of its
+            // own) that a manager dispatched to (segment i-1, signed for the
+            // endpoint's name) and that requested onward through the same
+            // manager (segment i+1). That manager vouches for it on both
+            // sides, as it does for a local client's segment 0. Segment i-1
+            // is fully verified on the next iteration.
+            if i > 0
+                && !is_prev
+                && let Some(after) = &next_sub
+                && let Ok(before) = decode(i - 1, &segs[i - 1].token)
+                && before.claims.sub == *after
+                && before.claims.aud == seg.name
+            {
                 next_sub = None;
                 continue;
             }

@@ -74,6 +74,14 @@ pub enum LabError {
     /// Several labs are up and none was named.
     #[error("several labs are up ({0}): name one with --lab")]
     Ambiguous(String),
+    /// Policies that do not check out (nothing was changed).
+    #[error("lab `{lab}`: {detail}")]
+    Policies {
+        /// Lab name.
+        lab: String,
+        /// Which policy and what is wrong.
+        detail: String,
+    },
     /// No such node or pod in the lab.
     #[error("lab `{lab}` has no node or pod named `{name}`")]
     NoMember {
@@ -229,6 +237,8 @@ pub struct Lab {
 
 /// The mesh programs: per node (in start order), and per endpoint pod.
 pub const MESH_PROGRAMS: [&str; 3] = ["nsm-forwarder", "nsm-manager", "nsm-endpoint"];
+/// The program of `passthrough: true` endpoints (a chain function).
+pub const PASSTHROUGH: &str = "nsm-passthrough";
 /// The SPIFFE trust domain of lab identities.
 pub const TRUST_DOMAIN: &str = "nsm.local";
 /// The TCP port managers listen on for their peers, on the underlay address.
@@ -674,6 +684,7 @@ impl Lab {
         // starts first and the others point at it.
         if let Some(path) = found.get("nsm-manager") {
             self.write_manager_config()?;
+            self.set_policies(&self.topology.policies.clone())?;
             self.issue_identities()?;
             for node in self.plan.nodes.clone() {
                 check_interrupt(&self.topology.name)?;
@@ -684,15 +695,27 @@ impl Lab {
             }
         }
         if let (Some(path), true) = (found.get("nsm-endpoint"), found.contains_key("nsm-manager")) {
+            // Chain functions need their own program, looked up only when used.
+            let passthrough = if self.topology.endpoints.iter().any(|e| e.passthrough) {
+                Some(
+                    sys::find_program(PASSTHROUGH).ok_or_else(|| LabError::NoMember {
+                        lab: self.topology.name.clone(),
+                        name: format!("{PASSTHROUGH} (not built: cargo build -p nsm-passthrough)"),
+                    })?,
+                )
+            } else {
+                None
+            };
             for e in self.topology.endpoints.clone() {
                 check_interrupt(&self.topology.name)?;
-                self.progress(&format!(
-                    "{}: starting nsm-endpoint for {}",
-                    e.name, e.service
-                ));
+                let (program, path) = match (&passthrough, e.passthrough) {
+                    (Some(p), true) => (PASSTHROUGH, p),
+                    _ => ("nsm-endpoint", path),
+                };
+                self.progress(&format!("{}: starting {program} for {}", e.name, e.service));
                 fs::create_dir_all(self.dir.join(&e.name)).map_err(self.io_err(&self.dir))?;
                 let args = self.endpoint_args(&e.name);
-                self.spawn(&e.name, "nsm-endpoint", path.as_os_str(), &args)?;
+                self.spawn(&e.name, program, path.as_os_str(), &args)?;
                 self.wait_listening(&self.endpoint_socket(&e.name))?;
             }
         }
@@ -949,6 +972,10 @@ impl Lab {
                 self.identity_dir(node).display().to_string(),
             ]);
         }
+        args.extend([
+            "--policies".into(),
+            self.policies_file().display().to_string(),
+        ]);
         args.extend(self.opts.manager_args.iter().cloned());
         let registry = &self.plan.nodes[0].name;
         if node == registry {
@@ -984,7 +1011,57 @@ impl Lab {
         if !labels.is_empty() {
             args.extend(["--labels".into(), labels.join(",")]);
         }
+        if e.passthrough {
+            args.extend([
+                "--stats".into(),
+                self.passthrough_stats_file(&e.name).display().to_string(),
+            ]);
+        }
         args
+    }
+
+    /// The policy file every manager of the lab follows.
+    pub fn policies_file(&self) -> PathBuf {
+        self.dir.join("policies.json")
+    }
+
+    /// Checks `policies` and puts them in force: the file the managers
+    /// follow is replaced atomically, and they apply it within about a
+    /// second (running connections are re-chained in place).
+    ///
+    /// # Errors
+    /// A policy is bad (nothing is written), or the file cannot be written.
+    pub fn set_policies(&self, policies: &[nsm_policy::Policy]) -> Result<(), LabError> {
+        nsm_policy::PolicySet::new(policies.to_vec()).map_err(|e| LabError::Policies {
+            lab: self.topology.name.clone(),
+            detail: e.to_string(),
+        })?;
+        let path = self.policies_file();
+        let tmp = path.with_extension("json.tmp");
+        // JSON is YAML: the managers read either.
+        let json = serde_json::to_vec_pretty(&nsm_policy::PolicyFile {
+            policies: policies.to_vec(),
+        })
+        .expect("policies always serialize");
+        fs::write(&tmp, json).map_err(self.io_err(&tmp))?;
+        fs::rename(&tmp, &path).map_err(self.io_err(&path))
+    }
+
+    /// [`Lab::set_policies`] from policy YAML (`policies: [...]`).
+    ///
+    /// # Errors
+    /// As [`Lab::set_policies`], and YAML that is not a policy file.
+    pub fn set_policies_yaml(&self, yaml: &str) -> Result<(), LabError> {
+        let set = nsm_policy::parse_file(yaml).map_err(|e| LabError::Policies {
+            lab: self.topology.name.clone(),
+            detail: e.to_string(),
+        })?;
+        self.set_policies(set.policies())
+    }
+
+    /// Where a passthrough endpoint writes its counters (JSON, every second).
+    pub fn passthrough_stats_file(&self, endpoint: &str) -> PathBuf {
+        self.dir.join(endpoint).join("stats.json")
     }
 
     fn spawn(
@@ -1032,6 +1109,21 @@ impl Lab {
     /// `nsm-manager`, `nsm-endpoint` or `run`) with SIGKILL, as a crash
     /// would, and waits until it is gone.
     pub fn kill(&mut self, member: &str, program: &str) -> Result<(), LabError> {
+        self.signal_and_wait(member, program, Signal::SIGKILL)
+    }
+
+    /// Stops a process the lab started with SIGTERM, as an orderly shutdown
+    /// would (an endpoint unregisters first), and waits until it is gone.
+    pub fn stop(&mut self, member: &str, program: &str) -> Result<(), LabError> {
+        self.signal_and_wait(member, program, Signal::SIGTERM)
+    }
+
+    fn signal_and_wait(
+        &mut self,
+        member: &str,
+        program: &str,
+        signal: Signal,
+    ) -> Result<(), LabError> {
         let idx = self
             .state
             .processes
@@ -1042,7 +1134,7 @@ impl Lab {
                 name: format!("{program} on {member}"),
             })?;
         let record = self.state.processes.remove(idx);
-        let _ = kill(Pid::from_raw(record.pid), Signal::SIGKILL);
+        let _ = kill(Pid::from_raw(record.pid), signal);
         if self.children.len() > idx {
             let mut child = self.children.remove(idx);
             let _ = child.wait();
@@ -1065,7 +1157,9 @@ impl Lab {
         let (args, socket) = match program {
             "nsm-forwarder" => (self.forwarder_args(member), self.forwarder_socket(member)),
             "nsm-manager" => (self.manager_args(member), self.manager_socket(member)),
-            "nsm-endpoint" => (self.endpoint_args(member), self.endpoint_socket(member)),
+            "nsm-endpoint" | PASSTHROUGH => {
+                (self.endpoint_args(member), self.endpoint_socket(member))
+            }
             other => {
                 return Err(LabError::NoMember {
                     lab: self.topology.name.clone(),

@@ -30,6 +30,7 @@ const EXIT_USAGE: u8 = 2;
         nsm-testbed up testbed/topologies/demo.yaml\n  \
         nsm-testbed status --json\n  \
         nsm-testbed exec web -- ping -c1 198.18.1.2\n  \
+        nsm-testbed policies --lab demo guard.yaml\n  \
         nsm-testbed down demo\n  \
         nsm-testbed demo\n\n\
         Exit codes: 0 success; 1 failure (see the message); 2 bad topology file or arguments; \
@@ -79,6 +80,17 @@ enum Cmd {
         /// A topology file or a lab name.
         lab: Option<String>,
     },
+    /// Put a policy file (`policies: [...]`, YAML or JSON) in force in a running
+    /// lab: it is checked first (a bad policy is named and nothing changes), then
+    /// every manager applies it within about a second, re-chaining running
+    /// connections in place.
+    Policies {
+        /// The lab (default: the only lab up).
+        #[arg(long)]
+        lab: Option<String>,
+        /// The policy file.
+        file: PathBuf,
+    },
     /// Check a topology file without building anything.
     Validate {
         /// The topology file (YAML).
@@ -104,7 +116,7 @@ fn main() -> ExitCode {
             ExitCode::from(match e {
                 CliError::Lab(LabError::Interrupted(_))
                 | CliError::Demo(demo::DemoError::Lab(LabError::Interrupted(_))) => 130,
-                CliError::Lab(LabError::Topology(_))
+                CliError::Lab(LabError::Topology(_) | LabError::Policies { .. })
                 | CliError::Demo(demo::DemoError::Lab(LabError::Topology(_))) => EXIT_USAGE,
                 _ => 1,
             })
@@ -179,6 +191,21 @@ fn run(cmd: Cmd, opts: &Options) -> Result<ExitCode, CliError> {
             // The command's own exit code is what the caller wants to see.
             let code = status.code().unwrap_or(1);
             return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+        Cmd::Policies { lab, file } => {
+            let lab = Lab::find(lab.as_deref(), opts)?;
+            let text = std::fs::read_to_string(&file).map_err(|source| LabError::Io {
+                lab: lab.name().to_string(),
+                path: file.clone(),
+                source,
+            })?;
+            lab.set_policies_yaml(&text)?;
+            println!(
+                "lab {}: policies from {} in force (managers apply them within a second)",
+                lab.name(),
+                file.display()
+            );
+            lab.detach();
         }
         Cmd::Down { lab: target } => {
             let names = match target {

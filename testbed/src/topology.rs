@@ -49,9 +49,10 @@ pub struct Topology {
     /// Client pods.
     #[serde(default)]
     pub pods: Vec<Pod>,
-    /// Service-chaining policies (their chains are checked by the manager).
+    /// Service-chaining policies, in the language of [`nsm_policy`]; every
+    /// manager of the lab follows them (see [`crate::Lab::set_policies`]).
     #[serde(default)]
-    pub policies: Vec<Policy>,
+    pub policies: Vec<nsm_policy::Policy>,
 }
 
 /// The underlay between nodes: one bridge in its own namespace, one veth per node.
@@ -144,6 +145,12 @@ pub struct Endpoint {
     /// A shell command started in the endpoint's pod at `up` (e.g. `iperf3 -s -D`).
     #[serde(default)]
     pub run: Option<String>,
+    /// `true`: run `nsm-passthrough` instead of `nsm-endpoint`: a chain
+    /// function that forwards between its incoming interface and an onward
+    /// connection to the original service, counting what it saw. Its
+    /// service needs no entry in `services` (it allocates no addresses).
+    #[serde(default)]
+    pub passthrough: bool,
 }
 
 /// A client pod.
@@ -167,32 +174,6 @@ pub struct Pod {
     /// CNI plugin (run in the node's namespace, e.g. with cnitool) attaches it.
     #[serde(default)]
     pub cni: bool,
-}
-
-/// A service-chaining policy. The testbed checks its references; the
-/// chain itself is compiled and checked by the manager.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Policy {
-    /// Policy name, unique.
-    pub name: String,
-    /// Which traffic it applies to.
-    #[serde(rename = "match")]
-    pub matches: PolicyMatch,
-    /// The ordered functions; each a one-key map such as `{acl: {...}}`.
-    #[serde(default)]
-    pub chain: Vec<serde_norway::Value>,
-}
-
-/// The traffic a policy selects.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyMatch {
-    /// Network service name.
-    pub service: String,
-    /// Client labels that must all be present.
-    #[serde(default)]
-    pub source: BTreeMap<String, String>,
 }
 
 fn one_or_many_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
@@ -338,7 +319,11 @@ impl Topology {
         for (i, e) in self.endpoints.iter().enumerate() {
             let place = format!("endpoints[{i}] ({})", e.name);
             node_ref(&place, &e.node)?;
-            service_ref(&format!("{place}.service"), &e.service)?;
+            if !e.passthrough {
+                service_ref(&format!("{place}.service"), &e.service)?;
+            } else if e.service.is_empty() {
+                return Err(TopologyError::at(format!("{place}.service"), "is empty"));
+            }
         }
         for (i, p) in self.pods.iter().enumerate() {
             let place = format!("pods[{i}] ({})", p.name);
@@ -352,17 +337,24 @@ impl Topology {
                 }
             }
         }
-        let mut policies = HashSet::new();
+        // The policies' own checks (names, functions, loops) first, then
+        // what only the topology knows: the services they name exist.
+        nsm_policy::PolicySet::new(self.policies.clone())
+            .map_err(|e| TopologyError::at("policies", e))?;
+        let served: HashSet<&str> = self.endpoints.iter().map(|e| e.service.as_str()).collect();
         for (i, p) in self.policies.iter().enumerate() {
             let place = format!("policies[{i}] ({})", p.name);
-            check_name(&place, &p.name, MAX_MEMBER_NAME)?;
-            if !policies.insert(p.name.as_str()) {
-                return Err(TopologyError::at(
-                    place,
-                    format!("duplicate policy `{}`", p.name),
-                ));
-            }
             service_ref(&format!("{place}.match.service"), &p.matches.service)?;
+            for (j, f) in p.chain.iter().enumerate() {
+                if let nsm_policy::Function::Endpoint(e) = f
+                    && !served.contains(e.service.as_str())
+                {
+                    return Err(TopologyError::at(
+                        format!("{place}.chain[{j}] (endpoint)"),
+                        format!("no endpoint in endpoints serves `{}`", e.service),
+                    ));
+                }
+            }
         }
 
         // Each node needs its own /24 of pods, with room for its pods.

@@ -536,6 +536,20 @@ impl Stage for AclStage {
     #[inline]
     fn process(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
         let f = Fields::of(packet);
+        self.run(ctx, packet, &f)
+    }
+
+    fn name(&self) -> &'static str {
+        "acl"
+    }
+}
+
+impl AclStage {
+    /// [`Stage::process`] with the packet's fields already read (a chain
+    /// reads them once for all its stages).
+    #[inline]
+    pub(crate) fn run(&mut self, ctx: &StageCtx, _packet: &IpPacket<'_>, f: &Fields) -> Verdict {
+        let f = *f;
         let dir = ctx.direction;
         let tracked = match &mut self.conntrack {
             Some(ct) => {
@@ -568,10 +582,6 @@ impl Stage for AclStage {
                 Verdict::Pass
             }
         }
-    }
-
-    fn name(&self) -> &'static str {
-        "acl"
     }
 }
 

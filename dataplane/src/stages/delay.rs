@@ -2,19 +2,24 @@
 //! slots that the forwarder fills with packets the data plane has already
 //! processed and drains when they are due.
 //!
-//! Why here and not in the stage: a [`crate::Verdict`] can pass or drop a
-//! packet, not postpone it, and the packet's buffer belongs to the caller.
+//! Why here and not in the stage: the packet's buffer belongs to the
+//! caller, and a stage cannot keep it.
 //! So `fault` only publishes its delay ([`super::FaultHandle::delay`]); the
 //! forwarder, which owns time and I/O, pushes each output of that
 //! connection (the `ToPod`/`ToUnderlay` bytes, with where it goes as `T`)
 //! into a `DelayLine` instead of writing it, and writes what
 //! [`DelayLine::pop_due`] returns once [`DelayLine::next_due`] has passed.
 //!
+//! The same FIFO holds what a `ratelimit` shaper queued: the forwarder
+//! pushes each held output with [`DelayLine::push_at`] and the time the
+//! stage gave ([`crate::Verdict::Hold`]).
+//!
 //! With one constant delay per line, due times are in push order, so a ring
 //! is enough: O(1) push and pop, a copy in and a copy out, every slot
-//! allocated by [`DelayLine::new`], no I/O, `now` passed in. A full line, or a
-//! packet larger than a slot, is refused ([`DelayError`]): the caller drops
-//! and counts it, as a full queue would.
+//! allocated by [`DelayLine::new`], no I/O, `now` passed in. `push_at` keeps
+//! that order by never giving a packet an earlier time than the one before
+//! it. A full line, or a packet larger than a slot, is refused
+//! ([`DelayError`]): the caller drops and counts it, as a full queue would.
 
 use std::time::{Duration, Instant};
 
@@ -69,6 +74,11 @@ impl<T: Copy> DelayLine<T> {
         self.delay
     }
 
+    /// The largest packet a slot holds, in bytes.
+    pub fn slot_size(&self) -> usize {
+        self.slot_size
+    }
+
     /// Packets waiting.
     pub fn len(&self) -> usize {
         self.len
@@ -82,12 +92,24 @@ impl<T: Copy> DelayLine<T> {
     /// Queues a copy of `packet`, due at `now + delay`, with the caller's
     /// `tag` (where it goes).
     pub fn push(&mut self, now: Instant, packet: &[u8], tag: T) -> Result<(), DelayError> {
+        self.push_at(now + self.delay, packet, tag)
+    }
+
+    /// Queues a copy of `packet` due at `due` (not `now + delay`: the
+    /// caller computed the time, e.g. a shaper's departure time), or at the
+    /// due time of the packet queued before it if that is later, so the
+    /// line stays in order.
+    pub fn push_at(&mut self, due: Instant, packet: &[u8], tag: T) -> Result<(), DelayError> {
         if packet.len() > self.slot_size {
             return Err(DelayError::TooBig);
         }
         if self.len == self.meta.len() {
             return Err(DelayError::Full);
         }
+        let due = match self.last_due() {
+            Some(last) => due.max(last),
+            None => due,
+        };
         let i = (self.head + self.len) % self.meta.len();
         let (Some(buf), Some(meta)) = (self.bufs.get_mut(i), self.meta.get_mut(i)) else {
             return Err(DelayError::Full);
@@ -97,11 +119,18 @@ impl<T: Copy> DelayLine<T> {
         }
         *meta = Some(Meta {
             len: packet.len(),
-            due: now + self.delay,
+            due,
             tag,
         });
         self.len += 1;
         Ok(())
+    }
+
+    /// The due time of the newest packet.
+    fn last_due(&self) -> Option<Instant> {
+        let n = self.meta.len();
+        let last = (self.head + self.len.checked_sub(1)?) % n;
+        self.meta.get(last).copied().flatten().map(|m| m.due)
     }
 
     /// When the oldest packet is due (the forwarder's next wake-up).
@@ -158,5 +187,23 @@ mod tests {
         assert_eq!(line.pop_due(t0 + d * 3, &mut small), Some((0, 3)));
         assert!(line.is_empty());
         assert_eq!(line.next_due(), None);
+    }
+
+    #[test]
+    fn push_at_keeps_the_order() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut line: DelayLine<u8> = DelayLine::new(Duration::ZERO, 4, 8);
+        assert_eq!(line.push_at(t0 + ms(5), b"a", 1), Ok(()));
+        // Earlier than the one ahead: waits for it.
+        assert_eq!(line.push_at(t0 + ms(2), b"b", 2), Ok(()));
+        assert_eq!(line.push_at(t0 + ms(9), b"c", 3), Ok(()));
+        let mut out = [0u8; 8];
+        assert_eq!(line.pop_due(t0 + ms(4), &mut out), None);
+        assert_eq!(line.pop_due(t0 + ms(5), &mut out), Some((1, 1)));
+        assert_eq!(line.pop_due(t0 + ms(5), &mut out), Some((1, 2)));
+        assert_eq!(line.pop_due(t0 + ms(8), &mut out), None);
+        assert_eq!(line.next_due(), Some(t0 + ms(9)));
+        assert_eq!(line.pop_due(t0 + ms(9), &mut out), Some((1, 3)));
     }
 }

@@ -120,6 +120,13 @@ impl Fields {
         }
         f
     }
+
+    /// The fields of `packet` from `cache`, read into it first if empty:
+    /// how a chain reads them once for all its stages.
+    #[inline]
+    pub(crate) fn cached<'c>(cache: &'c mut Option<Fields>, packet: &IpPacket<'_>) -> &'c Fields {
+        cache.get_or_insert_with(|| Fields::of(packet))
+    }
 }
 
 /// A flow's 5-tuple (plus family) as a hashable key. Stages decide what the

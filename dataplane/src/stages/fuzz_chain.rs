@@ -5,27 +5,28 @@
 //!
 //! Input format:
 //! - byte 0: number of functions (`% 6`), then per function 5 bytes: a kind
-//!   (`% 6`: acl, ratelimit, nat44, mirror, counter, fault) and a 32-bit
-//!   seed from which its parameters are drawn (small tables and rings, so
-//!   "full" paths are reached);
+//!   (`% 6`: acl, ratelimit, nat44, mirror, counter, fault; bit 7 adds a
+//!   selector, valid unless bit 6 is set too) and a 32-bit seed from which
+//!   its parameters are drawn (small tables and rings, so "full" paths are
+//!   reached);
 //! - then packet records `ctl len body[len]`: `ctl` bit 0 is the direction,
 //!   bits 1-3 a time step (0, or 10^(k-1) ms), bit 4 synthesizes a
 //!   well-formed packet from `body` (family, protocol, addresses from a
 //!   small pool, ports, payload) instead of taking `body` as the packet.
 //!
 //! Checked: no panic; a stage never changes the packet's length; a valid
-//! IPv4 header checksum stays valid; the mirror ring never yields more than
-//! it was given.
+//! IPv4 header checksum stays valid; a hold is never in the past; the
+//! mirror ring never yields more than it was given.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use crate::packet::IpPacket;
-use crate::stage::{Direction, StageCtx};
+use crate::stage::{Direction, StageCtx, Verdict};
 use crate::stages::flow::SplitMix64;
 use crate::stages::spec::{
-    AclAction, AclRule, AclSpec, ChainSpec, FaultSpec, FlowMatch, FunctionSpec, MirrorSpec,
-    Nat44Spec, PortRange, Prefix, Proto, RateLimitSpec, StageHandle, build,
+    AclAction, AclRule, AclSpec, ChainElement, ChainSpec, FaultSpec, FlowMatch, FunctionSpec,
+    MirrorSpec, Nat44Spec, PortRange, Prefix, Proto, RateLimitSpec, StageHandle, build,
 };
 
 const V4_POOL: [[u8; 4]; 4] = [[10, 0, 0, 1], [10, 0, 0, 2], [192, 0, 2, 1], [10, 1, 2, 3]];
@@ -158,7 +159,12 @@ pub fn decode_spec(data: &[u8]) -> (ChainSpec, &[u8]) {
             break;
         };
         let seed = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
-        functions.push(function(head[0], seed));
+        let mut e = ChainElement::from(function(head[0], seed));
+        if head[0] & 0x80 != 0 {
+            let m = random_match(&mut SplitMix64::new(u64::from(seed) ^ 0x5e1));
+            e.selector = (head[0] & 0x40 != 0 || m.check().is_ok()).then_some(m);
+        }
+        functions.push(e);
         rest = tail;
     }
     (ChainSpec { functions }, rest)
@@ -272,7 +278,9 @@ pub fn run(data: &[u8]) {
                 Direction::BToA
             },
         };
-        let _ = built.chain.run(&ctx, &mut p);
+        if let Verdict::Hold(t) = built.chain.run(&ctx, &mut p) {
+            assert!(t >= now, "a hold in the past");
+        }
         assert_eq!(p.bytes().len(), ip_len, "a stage changed the length");
         let header_len = p.meta().header_len;
         assert_eq!(buf.len(), before_len);

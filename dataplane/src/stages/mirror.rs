@@ -227,14 +227,32 @@ impl MirrorStage {
     }
 }
 
-impl Stage for MirrorStage {
+impl MirrorStage {
+    /// [`Stage::process`] with a chain's cache of the packet's fields
+    /// (read into it only if the filter needs them).
     #[inline]
-    fn process(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
-        if self.match_all || self.filter.matches(&Fields::of(packet), ctx.direction) {
+    pub(crate) fn run(
+        &mut self,
+        ctx: &StageCtx,
+        packet: &IpPacket<'_>,
+        fields: &mut Option<Fields>,
+    ) -> Verdict {
+        if self.match_all
+            || self
+                .filter
+                .matches(Fields::cached(fields, packet), ctx.direction)
+        {
             self.counters.matched.inc();
             self.push(ctx, packet.bytes());
         }
         Verdict::Pass
+    }
+}
+
+impl Stage for MirrorStage {
+    #[inline]
+    fn process(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
+        self.run(ctx, packet, &mut None)
     }
 
     fn name(&self) -> &'static str {

@@ -5,7 +5,8 @@
 //!
 //! - [`acl`]: ordered allow/deny rules (indexed, not a linear scan),
 //!   optionally stateful;
-//! - [`ratelimit`]: token bucket per direction;
+//! - [`ratelimit`]: token-bucket shaper per direction (queues the excess,
+//!   the forwarder holds it: [`crate::Verdict::Hold`]);
 //! - [`nat44`]: source NAT with connection tracking;
 //! - [`mirror`]: copies into a ring the forwarder drains ([`pcap`] formats
 //!   them for a file);
@@ -38,7 +39,7 @@ pub use mirror::{MirrorHandle, MirrorReader, MirrorRecord, MirrorSnapshot, Mirro
 pub use nat44::{Nat44Handle, Nat44Snapshot, Nat44Stage};
 pub use ratelimit::{RateLimitDirSnapshot, RateLimitHandle, RateLimitSnapshot, RateLimitStage};
 pub use spec::{
-    AclAction, AclRule, AclSpec, BuiltChain, ChainSpec, FaultSpec, FlowMatch, FunctionSpec,
-    MirrorSpec, Nat44Spec, PortRange, Prefix, PrefixParseError, Proto, RateLimitSpec, SpecError,
-    SpecErrorKind, StageHandle, build,
+    AclAction, AclRule, AclSpec, BuiltChain, ChainElement, ChainSpec, FaultSpec, FlowMatch,
+    FunctionSpec, MirrorSpec, Nat44Spec, PortRange, Prefix, PrefixParseError, Proto, RateLimitSpec,
+    SpecError, SpecErrorKind, StageHandle, build,
 };

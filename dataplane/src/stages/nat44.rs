@@ -299,8 +299,7 @@ impl Nat44Stage {
         Err(DropReason::NatExhausted)
     }
 
-    fn outbound(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
-        let f = Fields::of(packet);
+    fn outbound(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>, f: Fields) -> Verdict {
         let Some(l4) = L4::of(&f, packet.l4().len()) else {
             self.counters.untranslatable.inc();
             return Verdict::Drop(DropReason::NatUntranslatable);
@@ -322,8 +321,7 @@ impl Nat44Stage {
         }
     }
 
-    fn inbound(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
-        let f = Fields::of(packet);
+    fn inbound(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>, f: Fields) -> Verdict {
         if f.dst != self.addr_bits() {
             return Verdict::Pass;
         }
@@ -354,9 +352,16 @@ impl Nat44Stage {
     }
 }
 
-impl Stage for Nat44Stage {
+impl Nat44Stage {
+    /// [`Stage::process`] with a chain's cache of the packet's fields;
+    /// emptied when the packet is rewritten.
     #[inline]
-    fn process(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
+    pub(crate) fn run(
+        &mut self,
+        ctx: &StageCtx,
+        packet: &mut IpPacket<'_>,
+        fields: &mut Option<Fields>,
+    ) -> Verdict {
         if packet.meta().version != IpVersion::V4 {
             return Verdict::Pass;
         }
@@ -364,11 +369,22 @@ impl Stage for Nat44Stage {
             self.counters.untranslatable.inc();
             return Verdict::Drop(DropReason::NatUntranslatable);
         }
+        let f = *Fields::cached(fields, packet);
+        // Translation rewrites addresses and ports: whatever runs next
+        // reads them again.
+        *fields = None;
         if ctx.direction == self.outbound {
-            self.outbound(ctx, packet)
+            self.outbound(ctx, packet, f)
         } else {
-            self.inbound(ctx, packet)
+            self.inbound(ctx, packet, f)
         }
+    }
+}
+
+impl Stage for Nat44Stage {
+    #[inline]
+    fn process(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
+        self.run(ctx, packet, &mut None)
     }
 
     fn name(&self) -> &'static str {

@@ -48,6 +48,16 @@ struct Args {
     /// `services: [{name, payload: IP|ETHERNET, cidr: [CIDR...], excluded: [CIDR...]}]`.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Service-chaining policies (YAML or JSON, `policies: [...]`; the language
+    /// is in the README). Re-read every second: a change applies to running
+    /// connections in place; a bad change is logged naming the policy and the
+    /// policies in force stay. Give every manager of a mesh the same file.
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// Check the --policies file, print what it contains, and exit (0 when it is
+    /// valid, 2 when not) without starting.
+    #[arg(long, requires = "policies")]
+    check_policies: bool,
     /// Lifetime of a path segment (token): a connection not refreshed within it is
     /// closed. Units: ms, s, m or h (e.g. 600s, 10m).
     #[arg(long, default_value = "10m", value_parser = nsm_manager::parse_duration)]
@@ -105,6 +115,29 @@ fn main() -> ExitCode {
         },
         None => Config::default(),
     };
+    let policies = match args.policies.as_deref().map(nsm_manager::policies::load) {
+        None => None,
+        Some(Ok((set, text))) => {
+            if args.check_policies {
+                for p in set.policies() {
+                    println!(
+                        "policy {} (priority {}): service {}, {} function(s)",
+                        p.name,
+                        p.priority,
+                        p.matches.service,
+                        p.chain.len()
+                    );
+                }
+                println!("{} policies, valid", set.policies().len());
+                return ExitCode::SUCCESS;
+            }
+            Some((set, text))
+        }
+        Some(Err(e)) => {
+            eprintln!("nsm-manager: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if args.registry.is_some() && !config.services.is_empty() {
         tracing::warn!("--config pools are ignored: --registry names the manager that owns IPAM");
     }
@@ -152,13 +185,28 @@ fn main() -> ExitCode {
                 reload_period: args.identity_reload,
             },
         };
-        let handle = match start(opts).await {
+        let mut handle = match start(opts).await {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("nsm-manager: {e}");
                 return ExitCode::FAILURE;
             }
         };
+        if let (Some(path), Some((set, text))) = (args.policies, policies) {
+            if let Err(e) = handle
+                .manager
+                .set_policy_source(nsm_manager::policies::FILE, set.policies().to_vec())
+                .await
+            {
+                // Only a clash with the cluster's policies can get here.
+                tracing::error!(error = %e, "policies rejected");
+            }
+            handle.spawn(nsm_manager::policies::watch(
+                handle.manager.clone(),
+                path,
+                text,
+            ));
+        }
         wait_for_signal().await;
         tracing::info!("shutting down (state kept)");
         handle.shutdown().await;

@@ -1,25 +1,30 @@
 //! `nsmctl`: an operator's client of the local nsm-manager (unix socket).
 //!
-//! Requests and closes connections as an NSM client would and lists the
-//! registry and connections. It holds no state and no logic beyond
-//! formatting: everything goes through the manager's public gRPC API.
+//! Requests and closes connections as an NSM client would, lists the
+//! registry, the connections and the local forwarder's cross-connects,
+//! describes one connection hop by hop, and draws the mesh. It holds no
+//! state and no logic beyond gathering and formatting (in
+//! `nsm_manager::inspect` and `nsm_manager::graph`): everything goes through
+//! the manager's public gRPC API and the forwarder's `nsm.forwarder.v1` API.
+//!
+//! Exit codes: 0 success, 1 failure (the mesh refused, something is
+//! unreachable, an unknown connection id), 2 bad usage (including an
+//! ambiguous id prefix).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::SystemTime;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use nsm_proto::connection::monitor_connection_client::MonitorConnectionClient;
-use nsm_proto::connection::{Connection, MonitorScopeSelector};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use nsm_manager::inspect::{self, ForwarderView, LookupError};
+use nsm_proto::connection::Connection;
 use nsm_proto::mechanisms::kernel;
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::networkservice::network_service_client::NetworkServiceClient;
-use nsm_proto::registry::network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient;
-use nsm_proto::registry::network_service_registry_client::NetworkServiceRegistryClient;
-use nsm_proto::registry::{NetworkServiceEndpointQuery, NetworkServiceQuery};
-use serde_json::json;
 use tonic::transport::Channel;
 
-/// Talk to the local nsm-manager: request/close connections, list the registry.
+/// Talk to the local nsm-manager and forwarder: request/close connections,
+/// list and describe what the mesh holds, draw it.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -30,6 +35,11 @@ struct Args {
         global = true
     )]
     manager: PathBuf,
+    /// A forwarder's unix socket (repeat for several) for `get forwarders`,
+    /// `describe` and `graph`. Default: /var/lib/networkservicemesh/forwarder.sock
+    /// (the manager's default --forwarder).
+    #[arg(long, global = true, value_name = "PATH")]
+    forwarder: Vec<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -66,13 +76,29 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
-    /// List services, endpoints or connections.
+    /// List services, endpoints, connections or forwarders.
     Get {
         /// What to list.
         what: What,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Show one object in detail.
+    Describe {
+        #[command(subcommand)]
+        what: DescribeCmd,
+    },
+    /// Draw the mesh seen from this manager (and the forwarders read):
+    /// nodes, pods, endpoints, services, connections and their chains.
+    #[command(group(ArgGroup::new("out").required(true).multiple(true).args(["svg", "dot"])))]
+    Graph {
+        /// Write an SVG picture here (`-` for standard output).
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        /// Write a Graphviz DOT graph here (`-` for standard output).
+        #[arg(long, value_name = "FILE")]
+        dot: Option<PathBuf>,
     },
 }
 
@@ -113,65 +139,49 @@ enum What {
     Services,
     Endpoints,
     Connections,
+    /// The forwarders read from --forwarder, with their cross-connects.
+    Forwarders,
 }
 
-fn conn_json(c: &Connection) -> serde_json::Value {
-    let ip = c
-        .context
-        .as_ref()
-        .and_then(|x| x.ip_context.clone())
-        .unwrap_or_default();
-    json!({
-        "id": c.id,
-        "network_service": c.network_service,
-        "endpoint": c.network_service_endpoint_name,
-        "labels": c.labels,
-        "state": c.state().as_str_name(),
-        "mechanism": c.mechanism.as_ref().map(|m| json!({"cls": m.cls, "type": m.r#type, "parameters": m.parameters})),
-        "src_ip_addrs": ip.src_ip_addrs,
-        "dst_ip_addrs": ip.dst_ip_addrs,
-        "path": c.path.as_ref().map(|p| p.path_segments.iter().map(|s| json!({"name": s.name, "id": s.id})).collect::<Vec<_>>()),
-    })
+#[derive(Debug, Subcommand)]
+enum DescribeCmd {
+    /// A connection hop by hop, with what the forwarders report about it.
+    Connection {
+        /// Connection id, or an unambiguous prefix of it (a path segment
+        /// id, as another node knows the connection, works too).
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
-    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.len());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
-            .collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    line(headers.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r);
+/// A failure, and the exit code it gets.
+#[derive(Debug)]
+enum Failure {
+    /// Exit 1: the mesh said no, or something is unreachable or unknown.
+    Failed(String),
+    /// Exit 2: the command line cannot be carried out as given.
+    Usage(String),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure::Failed(s)
     }
 }
 
-fn conn_row(c: &Connection) -> Vec<String> {
-    let ip = c
-        .context
-        .as_ref()
-        .and_then(|x| x.ip_context.clone())
-        .unwrap_or_default();
-    vec![
-        c.id.clone(),
-        c.network_service.clone(),
-        c.network_service_endpoint_name.clone(),
-        c.state().as_str_name().to_string(),
-        ip.src_ip_addrs.join(","),
-        ip.dst_ip_addrs.join(","),
-    ]
+impl From<&str> for Failure {
+    fn from(s: &str) -> Self {
+        Failure::Failed(s.to_string())
+    }
 }
 
-const CONN_HEADERS: [&str; 6] = ["ID", "SERVICE", "ENDPOINT", "STATE", "SRC", "DST"];
+impl From<inspect::FetchError> for Failure {
+    fn from(e: inspect::FetchError) -> Self {
+        Failure::Failed(e.to_string())
+    }
+}
 
 fn ca(cmd: CaCmd) -> Result<(), String> {
     match cmd {
@@ -192,19 +202,69 @@ fn ca(cmd: CaCmd) -> Result<(), String> {
     Ok(())
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let ch: Channel = nsm_proto::uds::connect_unix(&args.manager)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot reach nsm-manager at {}: {e}",
-                args.manager.display()
-            )
-        })?;
+fn print_table(t: &inspect::Table) {
+    print!("{}", t.render());
+}
+
+async fn manager(path: &Path) -> Result<Channel, Failure> {
+    nsm_proto::uds::connect_unix(path).await.map_err(|e| {
+        Failure::Failed(format!(
+            "cannot reach nsm-manager at {}: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// The forwarders given with --forwarder, or the default one.
+fn forwarder_paths(args: &[PathBuf]) -> (Vec<PathBuf>, bool) {
+    if args.is_empty() {
+        (
+            vec![PathBuf::from(inspect::DEFAULT_FORWARDER_SOCKET)],
+            false,
+        )
+    } else {
+        (args.to_vec(), true)
+    }
+}
+
+/// Reads every forwarder; `required` makes an unreachable one an error,
+/// otherwise it is a note on stderr (or nothing, for the default socket
+/// when it does not exist).
+async fn forwarders(paths: &[PathBuf], required: bool) -> Result<Vec<ForwarderView>, Failure> {
+    let (paths, explicit) = forwarder_paths(paths);
+    let mut out = Vec::new();
+    for p in &paths {
+        match inspect::fetch_forwarder(p).await {
+            Ok(v) => out.push(v),
+            Err(e) if required => {
+                return Err(Failure::Failed(format!(
+                    "{e}; is nsm-forwarder serving there? (--forwarder PATH)"
+                )));
+            }
+            Err(_) if !explicit && !p.exists() => {}
+            Err(e) => eprintln!("nsmctl: note: {e}; going on without it"),
+        }
+    }
+    Ok(out)
+}
+
+fn write_out(path: &Path, what: &str, body: &str) -> Result<(), Failure> {
+    if path == Path::new("-") {
+        print!("{body}");
+        return Ok(());
+    }
+    std::fs::write(path, body)
+        .map_err(|e| Failure::Failed(format!("write {what} to {}: {e}", path.display())))?;
+    eprintln!("nsmctl: {what} written to {}", path.display());
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<(), Failure> {
     let st = |what: &str| {
         let what = what.to_string();
-        move |s: tonic::Status| format!("{what}: {} ({:?})", s.message(), s.code())
+        move |s: tonic::Status| Failure::Failed(format!("{what}: {} ({:?})", s.message(), s.code()))
     };
+    let now = SystemTime::now();
     match args.cmd {
         Cmd::Ca { cmd } => ca(cmd)?,
         Cmd::Request {
@@ -215,8 +275,8 @@ async fn run(args: Args) -> Result<(), String> {
             managed,
             json,
         } => {
-            let labels =
-                nsm_manager::parse_labels(&labels).map_err(|e| format!("--labels: {e}"))?;
+            let labels = nsm_manager::parse_labels(&labels)
+                .map_err(|e| Failure::Usage(format!("--labels: {e}")))?;
             let mut req = tonic::Request::new(NetworkServiceRequest {
                 connection: Some(Connection {
                     network_service: service.clone(),
@@ -231,19 +291,19 @@ async fn run(args: Args) -> Result<(), String> {
                     "true".parse().map_err(|_| "metadata")?,
                 );
             }
-            let c = NetworkServiceClient::new(ch)
+            let c = NetworkServiceClient::new(manager(&args.manager).await?)
                 .request(req)
                 .await
                 .map_err(st(&format!("request {service}")))?
                 .into_inner();
             if json {
-                println!("{}", conn_json(&c));
+                println!("{}", inspect::connection_json(&c));
             } else {
-                table(&CONN_HEADERS, vec![conn_row(&c)]);
+                print_table(&inspect::connections_table(&[c], now));
             }
         }
         Cmd::Close { id } => {
-            NetworkServiceClient::new(ch)
+            NetworkServiceClient::new(manager(&args.manager).await?)
                 .close(Connection {
                     id: id.clone(),
                     ..Default::default()
@@ -253,104 +313,107 @@ async fn run(args: Args) -> Result<(), String> {
         }
         Cmd::Get { what, json } => match what {
             What::Services => {
-                let mut s = NetworkServiceRegistryClient::new(ch)
-                    .find(NetworkServiceQuery::default())
-                    .await
-                    .map_err(st("find services"))?
-                    .into_inner();
-                let mut rows = Vec::new();
-                while let Some(r) = s.message().await.map_err(st("find services"))? {
-                    let ns = r.network_service.unwrap_or_default();
-                    if json {
-                        println!(
-                            "{}",
-                            json!({"name": ns.name, "payload": ns.payload, "matches": ns.matches.len()})
-                        );
-                    } else {
-                        rows.push(vec![ns.name, ns.payload, ns.matches.len().to_string()]);
+                let v = inspect::fetch_services(manager(&args.manager).await?).await?;
+                if json {
+                    for s in &v {
+                        println!("{}", inspect::service_json(s));
                     }
-                }
-                if !json {
-                    table(&["NAME", "PAYLOAD", "MATCHES"], rows);
+                } else {
+                    print_table(&inspect::services_table(&v));
                 }
             }
             What::Endpoints => {
-                let mut s = NetworkServiceEndpointRegistryClient::new(ch)
-                    .find(NetworkServiceEndpointQuery::default())
-                    .await
-                    .map_err(st("find endpoints"))?
-                    .into_inner();
-                let mut rows = Vec::new();
-                while let Some(r) = s.message().await.map_err(st("find endpoints"))? {
-                    let e = r.network_service_endpoint.unwrap_or_default();
-                    let labels: Vec<String> = e
-                        .network_service_labels
-                        .iter()
-                        .map(|(svc, l)| {
-                            let mut kv: Vec<String> =
-                                l.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                            kv.sort();
-                            format!("{svc}:{{{}}}", kv.join(","))
-                        })
-                        .collect();
-                    if json {
-                        println!(
-                            "{}",
-                            json!({"name": e.name, "services": e.network_service_names, "url": e.url, "labels": labels})
-                        );
-                    } else {
-                        rows.push(vec![
-                            e.name,
-                            e.network_service_names.join(","),
-                            e.url,
-                            labels.join(" "),
-                        ]);
+                let v = inspect::fetch_endpoints(manager(&args.manager).await?).await?;
+                if json {
+                    for e in &v {
+                        println!("{}", inspect::endpoint_json(e));
                     }
-                }
-                if !json {
-                    table(&["NAME", "SERVICES", "URL", "LABELS"], rows);
+                } else {
+                    print_table(&inspect::endpoints_table(&v));
                 }
             }
             What::Connections => {
-                let mut s = MonitorConnectionClient::new(ch)
-                    .monitor_connections(MonitorScopeSelector::default())
-                    .await
-                    .map_err(st("monitor"))?
-                    .into_inner();
-                let first = s
-                    .message()
-                    .await
-                    .map_err(st("monitor"))?
-                    .unwrap_or_default();
-                let mut conns: Vec<Connection> = first.connections.into_values().collect();
-                conns.sort_by(|a, b| a.id.cmp(&b.id));
+                let v = inspect::fetch_connections(manager(&args.manager).await?).await?;
                 if json {
                     println!(
                         "{}",
-                        serde_json::Value::Array(conns.iter().map(conn_json).collect())
+                        serde_json::Value::Array(v.iter().map(inspect::connection_json).collect())
                     );
                 } else {
-                    table(&CONN_HEADERS, conns.iter().map(conn_row).collect());
+                    print_table(&inspect::connections_table(&v, now));
+                }
+            }
+            What::Forwarders => {
+                let v = forwarders(&args.forwarder, true).await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::Value::Array(v.iter().map(inspect::forwarder_json).collect())
+                    );
+                } else {
+                    print_table(&inspect::forwarders_table(&v));
+                    println!();
+                    print_table(&inspect::cross_connects_table(&v));
                 }
             }
         },
+        Cmd::Describe {
+            what: DescribeCmd::Connection { id, json },
+        } => {
+            let conns = inspect::fetch_connections(manager(&args.manager).await?).await?;
+            let c = inspect::find_connection(&conns, &id).map_err(|e| match e {
+                LookupError::NotFound(_) => Failure::Failed(e.to_string()),
+                LookupError::Ambiguous { .. } => Failure::Usage(e.to_string()),
+            })?;
+            let views = forwarders(&args.forwarder, false).await?;
+            if json {
+                println!("{}", inspect::describe_json(c, &views));
+            } else {
+                print!("{}", inspect::describe(c, &views, now));
+            }
+        }
+        Cmd::Graph { svg, dot } => {
+            let ch = manager(&args.manager).await?;
+            let services = inspect::fetch_services(ch.clone()).await?;
+            let endpoints = inspect::fetch_endpoints(ch.clone()).await?;
+            let conns = inspect::fetch_connections(ch).await?;
+            let views = forwarders(&args.forwarder, false).await?;
+            let title = format!(
+                "nsm-rs mesh seen from {} at {}",
+                args.manager.display(),
+                nsm_manager::util::to_ts(now)
+            );
+            let m = inspect::model(&title, &services, &endpoints, &conns, &views);
+            if let Some(p) = svg {
+                write_out(&p, "SVG", &nsm_manager::graph::render_svg(&m))?;
+            }
+            if let Some(p) = dot {
+                write_out(&p, "DOT", &nsm_manager::graph::render_dot(&m))?;
+            }
+        }
     }
     Ok(())
+}
+
+fn exit(r: Result<(), Failure>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Failed(e)) => {
+            eprintln!("nsmctl: {e}");
+            ExitCode::FAILURE
+        }
+        Err(Failure::Usage(e)) => {
+            eprintln!("nsmctl: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     // CA commands work on files only: no runtime, no manager.
     let args = match args.cmd {
-        Cmd::Ca { cmd } => {
-            return match ca(cmd) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("nsmctl: {e}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+        Cmd::Ca { cmd } => return exit(ca(cmd).map_err(Failure::Failed)),
         cmd => Args { cmd, ..args },
     };
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -360,11 +423,5 @@ fn main() -> ExitCode {
         eprintln!("nsmctl: cannot start the runtime");
         return ExitCode::FAILURE;
     };
-    match rt.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("nsmctl: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit(rt.block_on(run(args)))
 }

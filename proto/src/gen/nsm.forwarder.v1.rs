@@ -69,7 +69,8 @@ pub struct Function {
     /// it (they pass on to the next function untouched and are not counted
     /// by it). Absent = every packet. Used by policies that select traffic by
     /// protocol, ports or prefixes. A port range here, as in rules, never
-    /// matches ICMP or later fragments.
+    /// matches ICMP or later fragments. A fault with a selector may not have
+    /// delay_ms (the delay applies to a whole direction).
     #[prost(message, optional, tag = "16")]
     pub selector: ::core::option::Option<FlowMatch>,
     #[prost(oneof = "function::Kind", tags = "1, 2, 3, 4, 5, 6")]
@@ -156,16 +157,26 @@ pub struct Acl {
     #[prost(uint32, tag = "5")]
     pub idle_timeout_secs: u32,
 }
-/// Token-bucket policer, one bucket per direction. Status counters:
-/// "forward_passed_packets", "forward_dropped_packets", ... and \_bytes.
+/// Token-bucket shaper, one bucket and one queue per direction. Packets that
+/// find their size in the bucket (burst_bytes deep, refilled at rate_bps)
+/// pass at once; the others wait in a FIFO and leave at the rate, so a TCP
+/// flow gets the configured rate whatever the burst. The queue holds at most
+/// max(50 ms at the rate, burst_bytes) bytes and 1024 packets; only when it
+/// is full are packets dropped (drop reason "rate_limited"). A changed limit
+/// applies to new packets; those already queued still leave. With a
+/// selector, only selected packets are limited and queued; the others pass
+/// at once. Status counters: "forward_passed_packets", "forward_passed_bytes",
+/// "forward_queued_packets" (passed after waiting), "forward_dropped_packets",
+/// "forward_dropped_bytes", the same with "reverse\_", and "queue_overflow"
+/// (queued packets the forwarder had no room for).
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RateLimit {
     /// Sustained rate in bits per second of IP packet; must be > 0.
     #[prost(uint64, tag = "1")]
     pub rate_bps: u64,
-    /// Bucket depth in bytes; 0 = max(10 ms at the rate, 18000). At least
-    /// 1500.
+    /// Bucket depth in bytes: what may leave back to back, faster than the
+    /// rate; 0 = max(10 ms at the rate, 18000). At least 1500.
     #[prost(uint64, tag = "2")]
     pub burst_bytes: u64,
     #[prost(enumeration = "ChainDirection", tag = "3")]

@@ -1,0 +1,270 @@
+//! `nsmctl get|describe|graph` against a real lab: two nodes each running
+//! the real `nsm-forwarder` and `nsm-manager`, real `nsm-endpoint`s, and a
+//! pod whose annotation asks for a cross-node and a same-node connection.
+//!
+//! Needs root (namespaces) and the mesh binaries built (`cargo build
+//! --workspace --bins`: the test command does). The lab has a unique name
+//! and is torn down when dropped, also when an assertion fails.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use nsm_testbed::Topology;
+use nsm_testbed::lab::{Lab, Options};
+use nsm_testbed::testing::{require_root, unique_lab_name};
+use serde_json::Value;
+
+const NSMCTL: &str = env!("CARGO_BIN_EXE_nsmctl");
+
+fn up() -> (tempfile::TempDir, Lab) {
+    require_root();
+    let name = unique_lab_name("ctl");
+    let topology = format!(
+        r#"
+name: {name}
+nodes: [{{name: node-1}}, {{name: node-2}}]
+services:
+  - {{name: secure-net, cidr: 172.31.0.0/24}}
+  - {{name: local-net, cidr: 172.30.0.0/24}}
+endpoints:
+  - {{name: echo, node: node-2, service: secure-net, labels: {{app: echo}}}}
+  - {{name: local, node: node-1, service: local-net, labels: {{app: local}}}}
+pods:
+  - {{name: web, node: node-1, annotations: {{networkservicemesh.io: "kernel://secure-net/nsm-1?app=web, kernel://local-net/nsm-2"}}}}
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        state_root: dir.path().to_path_buf(),
+        progress: false,
+        mesh: true,
+        manager_args: Vec::new(),
+    };
+    let lab = Lab::up(Topology::parse(&topology).expect("valid topology"), &opts)
+        .expect("lab comes up with its mesh");
+    assert!(
+        lab.missing_binaries().is_empty(),
+        "mesh binaries not built: {:?} (the test command builds them first)",
+        lab.missing_binaries()
+    );
+    (dir, lab)
+}
+
+fn nsmctl(lab: &Lab, args: &[&str]) -> Output {
+    Command::new(NSMCTL)
+        .arg("--manager")
+        .arg(lab.manager_socket("node-1"))
+        .arg("--forwarder")
+        .arg(lab.forwarder_socket("node-1"))
+        .arg("--forwarder")
+        .arg(lab.forwarder_socket("node-2"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "nsmctl failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn nsmctl_shows_connections_forwarders_and_draws_the_mesh() {
+    let (dir, lab) = up();
+    let cross_id = format!("{}-web-nsm-1", lab.name());
+    let local_id = format!("{}-web-nsm-2", lab.name());
+
+    // get connections --json: both, with service, endpoint and path.
+    let v: Value =
+        serde_json::from_str(&ok(nsmctl(&lab, &["get", "connections", "--json"]))).unwrap();
+    let conns = v.as_array().unwrap();
+    assert_eq!(conns.len(), 2, "{v:#}");
+    let cross = conns
+        .iter()
+        .find(|c| c["id"] == cross_id.as_str())
+        .expect("cross-node connection");
+    assert_eq!(cross["network_service"], "secure-net");
+    assert_eq!(cross["endpoint"], "echo");
+    assert_eq!(cross["state"], "UP");
+    assert_eq!(cross["hops"], serde_json::json!(["node-1", "node-2"]));
+    assert_eq!(cross["path"][0]["name"], "node-1");
+    assert!(cross["expires"].is_string(), "{cross:#}");
+    assert!(
+        cross["src_ip_addrs"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("172.31.0.")
+    );
+    let local = conns
+        .iter()
+        .find(|c| c["id"] == local_id.as_str())
+        .expect("same-node connection");
+    assert_eq!(local["network_service"], "local-net");
+    assert_eq!(local["hops"], serde_json::json!(["node-1"]));
+    let remote_segment = cross["path"][1]["id"].as_str().unwrap().to_string();
+
+    // get endpoints --json: one object per line, as before.
+    let eps = ok(nsmctl(&lab, &["get", "endpoints", "--json"]));
+    let mut names: Vec<String> = eps
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["echo", "local"]);
+
+    // The table.
+    let table = ok(nsmctl(&lab, &["get", "connections"]));
+    assert!(table.starts_with("ID "), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&cross_id))
+        .expect("a row");
+    for s in ["secure-net", "echo", "UP", "node-1>node-2", "in "] {
+        assert!(row.contains(s), "{s} in {row}");
+    }
+
+    // get forwarders: both forwarders, each carrying its cross-connect.
+    let v: Value =
+        serde_json::from_str(&ok(nsmctl(&lab, &["get", "forwarders", "--json"]))).unwrap();
+    let fwds = v.as_array().unwrap();
+    assert_eq!(fwds.len(), 2, "{v:#}");
+    assert_eq!(fwds[0]["name"], "node-1");
+    assert_eq!(fwds[0]["cross_connect_count"], 2);
+    assert_eq!(fwds[1]["name"], "node-2");
+    let ids: Vec<&str> = fwds[1]["cross_connects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [remote_segment.as_str()]);
+    assert!(fwds[0]["cross_connects"][0]["counters"]["rx_packets"].is_u64());
+    // Where a forwarder runs a chain for the connection (the lab has no
+    // policy: this holds once a default chain is pushed), describe and
+    // graph show its functions.
+    let chained = fwds.iter().any(|f| {
+        f["cross_connects"].as_array().unwrap().iter().any(|x| {
+            (x["id"] == cross_id.as_str() || x["id"] == remote_segment.as_str())
+                && !x["functions"].as_array().unwrap().is_empty()
+        })
+    });
+    let table = ok(nsmctl(&lab, &["get", "forwarders"]));
+    assert!(
+        table.starts_with("NAME ") && table.contains("CROSS-CONNECT"),
+        "{table}"
+    );
+
+    // describe: by full id, with both forwarders' cross-connects.
+    let d = ok(nsmctl(&lab, &["describe", "connection", &cross_id]));
+    for s in [
+        format!("Connection:  {cross_id}"),
+        "Service:     secure-net".into(),
+        "Endpoint:    echo".into(),
+        "Path:        2 hop(s)".into(),
+        format!("node-2  {remote_segment}"),
+        "Mechanism:   KERNEL/LOCAL".into(),
+        "src addresses:  172.31.0.".into(),
+        format!("Cross-connect {cross_id} on forwarder node-1"),
+        format!("Cross-connect {remote_segment} on forwarder node-2"),
+        "destination:  wireguard to node-2".into(),
+        "source:       wireguard from node-1".into(),
+        "destination:  kernel in endpoint echo".into(),
+    ] {
+        assert!(d.contains(&s), "{s:?} in\n{d}");
+    }
+    if chained {
+        assert!(d.contains("1. counter"), "the chain in\n{d}");
+    }
+    // By a prefix of node-2's id for it, and as JSON.
+    let v: Value = serde_json::from_str(&ok(nsmctl(
+        &lab,
+        &["describe", "connection", &remote_segment[..8], "--json"],
+    )))
+    .unwrap();
+    assert_eq!(v["connection"]["id"], cross_id.as_str());
+    assert_eq!(v["cross_connects"].as_array().unwrap().len(), 2, "{v:#}");
+    // Ambiguous prefix: usage (2); unknown id: 1; missing id: 2.
+    let out = nsmctl(
+        &lab,
+        &["describe", "connection", &format!("{}-web", lab.name())],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ambiguous"));
+    let out = nsmctl(&lab, &["describe", "connection", "no-such-connection"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no connection `no-such-connection`"));
+    assert_eq!(
+        nsmctl(&lab, &["describe", "connection"]).status.code(),
+        Some(2)
+    );
+
+    // graph: an SVG naming every node, pod and endpoint, and each connection.
+    let svg_path = dir.path().join("mesh.svg");
+    let dot_path = dir.path().join("mesh.dot");
+    ok(nsmctl(
+        &lab,
+        &[
+            "graph",
+            "--svg",
+            svg_path.to_str().unwrap(),
+            "--dot",
+            dot_path.to_str().unwrap(),
+        ],
+    ));
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("well-formed SVG");
+    let texts: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .collect();
+    let has = |s: &str| texts.iter().any(|t| t.contains(s));
+    for s in [
+        "node node-1",
+        "node node-2",
+        lab.netns("web").unwrap().as_str(),
+        "echo",
+        "local",
+        "secure-net",
+        "local-net",
+        cross_id.as_str(),
+        local_id.as_str(),
+    ] {
+        assert!(has(s), "{s:?} in the SVG texts {texts:?}");
+    }
+    assert_eq!(
+        doc.descendants()
+            .filter(|n| n.attribute("class") == Some("connection"))
+            .count(),
+        2
+    );
+    if chained {
+        assert!(texts.iter().any(|t| t.starts_with("counter")), "{texts:?}");
+    }
+    let dot = std::fs::read_to_string(&dot_path).unwrap();
+    assert!(
+        dot.starts_with("digraph mesh {") && dot.contains("\"nse/echo\""),
+        "{dot}"
+    );
+    if let Some(rsvg) = nsm_testbed::sys::find_program("rsvg-convert") {
+        let png = dir.path().join("mesh.png");
+        let st = Command::new(rsvg)
+            .arg("-o")
+            .arg(&png)
+            .arg(&svg_path)
+            .status()
+            .unwrap();
+        assert!(st.success() && Path::new(&png).metadata().unwrap().len() > 0);
+    }
+    lab.down().unwrap();
+}
