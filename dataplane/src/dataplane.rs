@@ -928,6 +928,14 @@ impl Dataplane {
         Action::Done
     }
 
+    /// Lets every chain do its bounded housekeeping ([`crate::Stage::poll`]:
+    /// the flow log finishes idle flows). Call with the timers.
+    pub fn poll_chains(&mut self, now: Instant) {
+        for xc in self.xconns.iter_mut().flatten() {
+            xc.chain.poll(now);
+        }
+    }
+
     /// Runs WireGuard timers, one session at a time: returns the next
     /// message a timer wants sent (handshake retry or rekey, keepalive), or
     /// [`Action::Done`] when every session has been visited. Call until

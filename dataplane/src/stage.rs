@@ -81,6 +81,11 @@ pub trait Stage: Send {
     /// Processes `packet` in place. May rewrite bytes, not the length.
     fn process(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict;
 
+    /// Time passes without packets: bounded housekeeping (the flow log
+    /// finishes idle flows). Run from the data plane's timers
+    /// ([`crate::Dataplane::poll_chains`]); the default does nothing.
+    fn poll(&mut self, _now: Instant) {}
+
     /// Short name for status and debugging (`"counter"`, `"acl"`, ...).
     fn name(&self) -> &'static str;
 }
@@ -89,6 +94,10 @@ impl<S: Stage + ?Sized> Stage for Box<S> {
     #[inline]
     fn process(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
         (**self).process(ctx, packet)
+    }
+
+    fn poll(&mut self, now: Instant) {
+        (**self).poll(now);
     }
 
     fn name(&self) -> &'static str {
@@ -203,6 +212,13 @@ impl Chain {
     /// Names of the stages, as given when the chain was built.
     pub fn names(&self) -> &[&'static str] {
         &self.names
+    }
+
+    /// Housekeeping between packets ([`Stage::poll`]).
+    pub fn poll(&mut self, now: Instant) {
+        if let Some(stage) = &mut self.stage {
+            stage.poll(now);
+        }
     }
 
     /// Runs the chain over one packet.

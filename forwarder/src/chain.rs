@@ -93,8 +93,17 @@ pub struct Installed {
 /// INVALID_ARGUMENT naming the element when a mirror file cannot be
 /// created (the spec itself was validated when it was parsed).
 pub fn build(plan: &ChainPlan, xconn: &str) -> Result<(Chain, Installed), Refusal> {
-    let built =
-        stages::build(&plan.spec, Instant::now()).map_err(|e| Refusal::invalid(e.to_string()))?;
+    // With `--flow-log`, the chain also keeps flow records for the writer.
+    let flow_log = crate::flowlog::global();
+    let (built, records) = stages::build_with_flow_log(
+        &plan.spec,
+        Instant::now(),
+        flow_log.map(crate::flowlog::FlowLog::spec).as_ref(),
+    )
+    .map_err(|e| Refusal::invalid(e.to_string()))?;
+    if let (Some(log), Some(r)) = (flow_log, records) {
+        log.register(xconn, plan.a_is_source, r);
+    }
     let mut meters = Vec::with_capacity(built.handles.len());
     let mut drains = Vec::new();
     for (i, h) in built.handles.into_iter().enumerate() {

@@ -1,7 +1,7 @@
 //! Command line of `nsm-forwarder`. Every flag can also come from the
 //! environment variable named in its help.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -78,4 +78,39 @@ pub struct Config {
         default_value_t = 16384
     )]
     pub max_ports: u32,
+
+    /// Serve Prometheus metrics (OpenMetrics text) at http://IP:PORT/metrics:
+    /// per cross-connect traffic, drops by reason, chain function counters,
+    /// WireGuard handshake age. Absent: no metrics server.
+    #[arg(long, env = "NSM_FORWARDER_METRICS_LISTEN", value_name = "IP:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Append one JSON line per finished flow (5-tuple, packets, bytes,
+    /// each chain function's verdict, start and end) to this file, created
+    /// with mode 0600. Absent: no flow records are kept.
+    #[arg(long, env = "NSM_FORWARDER_FLOW_LOG", value_name = "FILE")]
+    pub flow_log: Option<PathBuf>,
+
+    /// Log 1 flow in N (chosen by a keyed hash of the flow's tuple, so a
+    /// flow is logged whole or not at all).
+    #[arg(long, env = "NSM_FORWARDER_FLOW_LOG_SAMPLE", value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..), requires = "flow_log")]
+    pub flow_log_sample: u32,
+
+    /// Write at most R flow records a second (0: no limit); the excess is
+    /// counted in nsm_forwarder_flow_log_lost_total{reason="rate_limited"}.
+    #[arg(
+        long,
+        env = "NSM_FORWARDER_FLOW_LOG_RATE",
+        value_name = "R",
+        default_value_t = 1000,
+        requires = "flow_log"
+    )]
+    pub flow_log_rate: u32,
+
+    /// OTLP/gRPC collector (e.g. http://192.0.2.9:4317) to export the spans
+    /// of Program and Remove calls to. Absent: no export. The service name
+    /// is $OTEL_SERVICE_NAME or nsm-forwarder@NAME.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }

@@ -21,6 +21,8 @@
 //! - [`pod`]: TUN/TAP creation in a pod's netns + netlink configuration.
 //! - [`worker`]: the packet thread (epoll, batches, the `Dataplane`).
 //! - [`service`]: the gRPC service and the cross-connect registry.
+//! - [`metrics`]: `/metrics` (`--metrics-listen`), read at scrape time.
+//! - [`flowlog`]: the `--flow-log` writer of the chains' flow records.
 //! - `offload`: TUN virtio-net headers, TCP segmentation, checksums.
 //! - `sys`: the only `unsafe` code (TUNSETIFF/TUNSETOFFLOAD, recvmmsg with
 //!   UDP_GRO, sendmmsg with UDP GSO).
@@ -30,7 +32,9 @@
 
 pub mod chain;
 pub mod config;
+pub mod flowlog;
 pub mod keys;
+pub mod metrics;
 mod offload;
 pub mod plan;
 pub mod pod;
@@ -71,6 +75,24 @@ pub enum RunError {
     #[error("API socket {path}: {source}")]
     Listen {
         /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metrics listener could not be bound.
+    #[error("metrics listener {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The flow log could not be opened.
+    #[error("flow log {path}: {source}")]
+    FlowLog {
+        /// The file.
         path: std::path::PathBuf,
         /// Why.
         #[source]
@@ -170,6 +192,27 @@ pub async fn run(
                 reason,
             })?,
     };
+    // Before any chain is built: chains register with the flow log.
+    if let Some(path) = &config.flow_log {
+        flowlog::install(flowlog::FlowLogConfig {
+            path: path.clone(),
+            sample: config.flow_log_sample,
+            rate: config.flow_log_rate,
+            spec: nsm_dataplane::stages::FlowLogSpec::default(),
+        })
+        .map_err(|source| RunError::FlowLog {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            nsm_proto::metrics_http::bind(addr)
+                .await
+                .map_err(|source| RunError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let addr = SocketAddr::new(config.underlay_ip, config.wireguard_port);
     let udp = bind_wireguard(addr, config.socket_buffer)
         .map_err(|source| RunError::Socket { addr, source })?;
@@ -201,6 +244,7 @@ pub async fn run(
     };
     let svc = service::ForwarderService::new(identity, worker.clone());
     svc.spawn_state_monitor(std::time::Duration::from_secs(1));
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, svc.clone())));
     let incoming =
         nsm_proto::uds::bind_unix(&config.listen).map_err(|source| RunError::Listen {
             path: config.listen.clone(),
@@ -219,9 +263,15 @@ pub async fn run(
         svc2.begin_shutdown();
     };
     let served = tonic::transport::Server::builder()
+        // Program and Remove are spans `nsm.forwarder/METHOD`, children of
+        // the manager's call (W3C traceparent in the metadata).
+        .layer(nsm_trace::ServerLayer::new("nsm.forwarder", &config.name))
         .add_service(ForwarderServer::new(svc.clone()))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     tracing::info!("shutting down: removing every cross-connect");
     svc.remove_all().await;
     worker.stop();

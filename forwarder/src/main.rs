@@ -6,25 +6,29 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
-
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// sysexits.h EX_USAGE / EX_SOFTWARE.
+const EX_USAGE: i32 = 64;
 const EX_SOFTWARE: i32 = 70;
 
 fn main() {
     let config = nsm_forwarder::Config::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal, not in log files.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    // Logs on stderr (RUST_LOG, default info; colour codes only for a
+    // terminal), and spans over OTLP when an endpoint is configured.
+    let trace = nsm_trace::TraceConfig::from_env(
+        "nsm-forwarder",
+        &config.name,
+        config.otlp_endpoint.as_deref(),
+    );
+    let telemetry = match nsm_trace::init(&trace) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("nsm-forwarder: {e}");
+            std::process::exit(EX_USAGE);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -52,6 +56,8 @@ fn main() {
     if let Err(e) = result {
         tracing::error!(error = %e, "nsm-forwarder failed");
         eprintln!("nsm-forwarder: {e}");
+        // exit() skips destructors: export the spans buffered so far.
+        drop(telemetry);
         std::process::exit(1);
     }
 }

@@ -916,6 +916,7 @@ impl Forwarder for ForwarderService {
     ) -> Result<Response<pb::CrossConnectStatus>, Status> {
         let req = request.into_inner();
         let id = req.id.clone();
+        nsm_trace::record_id(&id);
         match self.program_inner(req).await {
             Ok(st) => Ok(Response::new(st)),
             Err(e) => {
@@ -926,7 +927,9 @@ impl Forwarder for ForwarderService {
     }
 
     async fn remove(&self, request: Request<pb::RemoveRequest>) -> Result<Response<()>, Status> {
-        self.remove_id(&request.into_inner().id).await?;
+        let id = request.into_inner().id;
+        nsm_trace::record_id(&id);
+        self.remove_id(&id).await?;
         Ok(Response::new(()))
     }
 

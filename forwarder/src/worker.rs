@@ -820,6 +820,7 @@ impl Worker {
     }
 
     fn timers(&mut self, now: Instant) {
+        self.core.dp.poll_chains(now);
         loop {
             self.out.reserve();
             let slot = self.out.send.next_slot();

@@ -135,6 +135,7 @@ impl NetworkService for EndpointService {
         });
         conn.network_service_endpoint_name = self.name.clone();
         conn.state = State::Up as i32;
+        nsm_trace::record_connection(&conn);
         self.table
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -145,6 +146,7 @@ impl NetworkService for EndpointService {
 
     async fn close(&self, r: Request<Connection>) -> Result<Response<()>, Status> {
         let conn = r.into_inner();
+        nsm_trace::record_connection(&conn);
         self.table
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -235,6 +237,9 @@ pub async fn serve_and_register<S: NetworkService>(
         })?;
     let (stop, mut stop_rx) = watch::channel(false);
     let srv = Server::builder()
+        // Requests and Closes are spans `nsm.endpoint/METHOD`, children of
+        // the manager's call (traceparent in the metadata).
+        .layer(nsm_trace::ServerLayer::new("nsm.endpoint", &opts.name))
         .add_service(NetworkServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.wait_for(|s| *s).await;

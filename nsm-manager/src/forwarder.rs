@@ -74,6 +74,7 @@ impl Forwarder {
         let id = xc.id.clone();
         let mut req = tonic::Request::new(xc);
         req.set_timeout(Duration::from_secs(15));
+        nsm_trace::inject(req.metadata_mut());
         let st = self
             .client
             .clone()
@@ -101,6 +102,7 @@ impl Forwarder {
     pub async fn remove(&self, id: &str) -> Result<(), ForwarderError> {
         let mut req = tonic::Request::new(RemoveRequest { id: id.to_string() });
         req.set_timeout(Duration::from_secs(15));
+        nsm_trace::inject(req.metadata_mut());
         self.client
             .clone()
             .remove(req)

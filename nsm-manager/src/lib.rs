@@ -13,6 +13,8 @@
 //! - [`server`]: assembly of one manager (listeners, services, tasks);
 //! - [`manager`]: the connection engine (Request/Close, expiry, refresh,
 //!   forwarder reconciliation, monitor events);
+//! - [`metrics`]: `/metrics` (`--metrics-listen`): setup and heal latency,
+//!   requests, connections, registry sizes;
 //! - [`registry`]: the registries, local store or forwarding to the
 //!   registry manager, with the endpoint URL rewrite;
 //! - [`cluster`]: cluster mode's registry on the Kubernetes API (custom
@@ -50,6 +52,7 @@ pub mod identity;
 pub mod inspect;
 pub mod ipam;
 pub mod manager;
+pub mod metrics;
 pub mod netns;
 pub mod pods;
 pub mod policies;

@@ -79,6 +79,14 @@ use crate::util::{Channels, to_ts};
 /// (see [`crate::token`]).
 pub const TOKEN_PLACEHOLDER: &str = "nsm-rs-unsigned";
 
+/// The chain segment of a connection that continues after an endpoint
+/// that registry matches (not a policy) chose and that requested onward:
+/// beyond any plan, so no policy's functions apply to it twice.
+pub const AFTER_PASSTHROUGH: u32 = u32::MAX;
+
+/// Longest path a Request may carry, in segments (hops).
+pub const MAX_PATH_SEGMENTS: usize = 32;
+
 /// `extra_context` key with which a manager tells a peer where a forwarded
 /// request stands in its chain: a [`ChainHop`] as JSON (see the module
 /// docs). Trusted only from peer managers; dropped and rewritten on
@@ -263,6 +271,10 @@ pub struct Record {
     /// The labels its chain was planned with (the original client's).
     #[serde(default)]
     pub plan_labels: BTreeMap<String, String>,
+    /// Its local endpoint requested onward (a passthrough): the endpoint's
+    /// interface carries no addresses.
+    #[serde(default)]
+    pub passthrough: bool,
 }
 
 fn now_ms() -> u64 {
@@ -303,7 +315,7 @@ pub struct Manager {
     /// Dispatches to a function endpoint in flight: our segment id ->
     /// chain segment (the record is stored only once the endpoint replied,
     /// and its onward request arrives before that).
-    pending_hops: Mutex<HashMap<String, PlannedHop>>,
+    pending_hops: Mutex<HashMap<String, Dispatch>>,
     /// Last heal attempt per connection id (ms), to pace retries.
     heal_attempts: Mutex<HashMap<String, u64>>,
 }
@@ -439,8 +451,20 @@ fn labels_of(conn: &Connection) -> BTreeMap<String, String> {
 }
 
 /// The cross-connect's chain: absent when it has no functions.
-/// A hop's chain segment and the labels its chain was planned with.
-type PlannedHop = (u32, BTreeMap<String, String>);
+/// A dispatch of ours to a local endpoint, as an onward request from that
+/// endpoint finds it on its path.
+#[derive(Debug, Clone, Default)]
+struct Dispatch {
+    /// The chain segment of the dispatched connection.
+    segment: u32,
+    /// The labels its chain was planned with.
+    labels: BTreeMap<String, String>,
+    /// Whether it went to a policy's endpoint function.
+    function: bool,
+    /// Set when the endpoint requested onward (it is a passthrough) while
+    /// the dispatch was in flight.
+    continued: bool,
+}
 
 fn chain_of(chain: &Chain) -> Option<Chain> {
     (!chain.functions.is_empty()).then(|| chain.clone())
@@ -578,52 +602,63 @@ impl Manager {
         Ok(())
     }
 
-    /// The chain segment of a client-side request, and the labels to plan
-    /// it with: the segment after the one we dispatched to the function
-    /// endpoint that is now requesting onward (its hop is on the path
-    /// before ours) with that hop's labels, else 0 with the request's.
-    fn client_hop(&self, conn: &Connection) -> (u32, BTreeMap<String, String>) {
-        conn.path
-            .as_ref()
-            .and_then(|path| {
-                let idx = (path.index as usize).min(path.path_segments.len());
-                path.path_segments[..idx]
-                    .iter()
-                    .rev()
-                    .find_map(|seg| self.function_hop(&seg.id))
+    /// Our dispatch to a local endpoint that is now requesting onward (its
+    /// hop is on the path before ours): that endpoint is a passthrough
+    /// (a policy's endpoint function, or an endpoint that registry matches
+    /// chose, as in NSM's composition). A dispatch in flight is marked
+    /// `continued`, so that its endpoint's interface gets no addresses.
+    fn dispatched_hop(&self, conn: &Connection) -> Option<Dispatch> {
+        let path = conn.path.as_ref()?;
+        let idx = (path.index as usize).min(path.path_segments.len());
+        path.path_segments[..idx]
+            .iter()
+            .rev()
+            .filter(|seg| !seg.id.is_empty())
+            .find_map(|seg| {
+                let pending = self
+                    .pending_hops
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&seg.id)
+                    .map(|d| {
+                        d.continued = true;
+                        d.clone()
+                    });
+                pending.or_else(|| {
+                    self.conns
+                        .get(&seg.id)
+                        .filter(|r| !r.remote)
+                        .map(|r| Dispatch {
+                            segment: r.segment,
+                            labels: r.plan_labels,
+                            function: r.function.is_some(),
+                            continued: true,
+                        })
+                })
             })
-            .map_or_else(
-                || (0, labels_of(conn)),
-                |(s, labels)| (s.saturating_add(1), labels),
-            )
     }
 
-    /// The segment and plan labels of our hop `id` if it goes to a
-    /// function endpoint.
-    fn function_hop(&self, id: &str) -> Option<PlannedHop> {
-        if id.is_empty() {
-            return None;
-        }
-        let pending = self
+    /// Asks the local endpoint, with the dispatch visible to its onward
+    /// request meanwhile; returns whether it requested onward.
+    async fn dispatch(
+        &self,
+        nse_name: &str,
+        url: &str,
+        out: &Connection,
+        d: Dispatch,
+    ) -> (Result<(Connection, String), RequestError>, bool) {
+        self.pending_hops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(out.id.clone(), d);
+        let asked = self.ask_endpoint(nse_name, url, out).await;
+        let continued = self
             .pending_hops
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned();
-        pending.or_else(|| {
-            self.conns
-                .get(id)
-                .filter(|r| r.function.is_some())
-                .map(|r| (r.segment, r.plan_labels))
-        })
-    }
-
-    fn set_pending(&self, id: &str, hop: Option<PlannedHop>) {
-        let mut m = self.pending_hops.lock().unwrap_or_else(|p| p.into_inner());
-        match hop {
-            Some(h) => m.insert(id.to_string(), h),
-            None => m.remove(id),
-        };
+            .remove(&out.id)
+            .is_some_and(|d| d.continued);
+        (asked, continued)
     }
 
     fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -648,9 +683,13 @@ impl Manager {
         req: NetworkServiceRequest,
         managed: bool,
     ) -> Result<Connection, RequestError> {
-        self.request_inner(req, managed, false, None)
+        let started = std::time::Instant::now();
+        let r = self
+            .request_inner(req, managed, false, None)
             .await
-            .map(Option::unwrap_or_default)
+            .map(Option::unwrap_or_default);
+        crate::metrics::global().request_done(started.elapsed(), r.as_ref().err());
+        r
     }
 
     /// [`Manager::request`] from a caller the transport identified (`peer`:
@@ -667,9 +706,13 @@ impl Manager {
         who: &Principal,
         peer: Option<&PeerInfo>,
     ) -> Result<Connection, RequestError> {
-        self.request_inner(req, managed, false, Some((who, peer)))
+        let started = std::time::Instant::now();
+        let r = self
+            .request_inner(req, managed, false, Some((who, peer)))
             .await
-            .map(Option::unwrap_or_default)
+            .map(Option::unwrap_or_default);
+        crate::metrics::global().request_done(started.elapsed(), r.as_ref().err());
+        r
     }
 
     /// Checks the caller's right to this request: the signed path (with an
@@ -775,6 +818,14 @@ impl Manager {
             return Err(bad("network_service is empty"));
         }
         let (path, prev_index) = update_path(conn.path.take(), &self.settings.name, &conn.id);
+        if path.path_segments.len() > MAX_PATH_SEGMENTS {
+            // Composition (policies' endpoint functions or registry
+            // matches) that routes a connection back into itself would
+            // otherwise grow a path hop by hop without end.
+            return Err(bad(&format!(
+                "the path has more than {MAX_PATH_SEGMENTS} segments: a composition loop?"
+            )));
+        }
         if let Some((who, peer)) = caller
             && let Err(e) = self.admit(&conn, &path, prev_index, who, peer)
         {
@@ -901,6 +952,24 @@ impl Manager {
         }
     }
 
+    /// Selects an endpoint for `conn` (of the chain's endpoint function
+    /// `function`, else of the requested service) and, on a refresh that
+    /// changed it, closes the old one.
+    async fn select_endpoint(
+        &self,
+        function: Option<&str>,
+        conn: &Connection,
+        existing: Option<&Record>,
+        only_local: bool,
+    ) -> Result<NetworkServiceEndpoint, RequestError> {
+        let service = function.unwrap_or(&conn.network_service);
+        let nse = self
+            .pick_endpoint(service, function.is_some(), conn, existing, only_local)
+            .await?;
+        self.close_old_endpoint(existing, &nse.name).await;
+        Ok(nse)
+    }
+
     /// Selects an endpoint of `service` (the requested one, or the chain's
     /// endpoint function) for `conn`.
     async fn pick_endpoint(
@@ -999,6 +1068,7 @@ impl Manager {
             mechanism_preferences: vec![mech(mechanisms::KERNEL, cls::LOCAL, params)],
         });
         req.set_timeout(Duration::from_secs(15));
+        nsm_trace::inject(req.metadata_mut());
         let reply = NetworkServiceClient::new(ch)
             .request(req)
             .await
@@ -1031,6 +1101,7 @@ impl Manager {
         };
         let mut req = tonic::Request::new(conn.clone());
         req.set_timeout(Duration::from_secs(10));
+        nsm_trace::inject(req.metadata_mut());
         if let Err(e) = NetworkServiceClient::new(ch).close(req).await {
             tracing::warn!(id = %conn.id, url, error = %e, "closing at the next hop failed");
         }
@@ -1066,27 +1137,38 @@ impl Manager {
         })?;
         // The chain: which segment this is, its built-in functions, and
         // where it goes (an endpoint function, or the service itself).
-        let (segment, plan_labels) = self.client_hop(conn);
-        let plan = self.policies().plan(&service, &plan_labels);
-        let seg = plan.segment(segment as usize).cloned().unwrap_or_default();
+        // An onward request of a passthrough we dispatched to continues that
+        // connection: after a policy's function, the next segment; after an
+        // endpoint that registry matches chose, no chain of its own.
+        let hop = self.dispatched_hop(conn);
+        let continuation = hop.is_some();
+        let (segment, plan_labels, seg) = match hop {
+            Some(h) if h.function => {
+                let s = h.segment.saturating_add(1);
+                let plan = self.policies().plan(&service, &h.labels);
+                let seg = plan.segment(s as usize).cloned().unwrap_or_default();
+                (s, h.labels, seg)
+            }
+            // Past every plan: no functions now or after a policy change.
+            Some(h) => (AFTER_PASSTHROUGH, h.labels, nsm_policy::Segment::default()),
+            None => {
+                let labels = labels_of(conn);
+                let plan = self.policies().plan(&service, &labels);
+                let seg = plan.segment(0).cloned().unwrap_or_default();
+                (0, labels, seg)
+            }
+        };
         let target = seg.function.clone();
         let chain = chain_of(&seg.chain);
         let nse = self
-            .pick_endpoint(
-                target.as_deref().unwrap_or(&service),
-                target.is_some(),
-                conn,
-                existing,
-                false,
-            )
+            .select_endpoint(target.as_deref(), conn, existing, false)
             .await?;
-        self.close_old_endpoint(existing, &nse.name).await;
         let payload = self.payload_of(conn).await;
         let mut ipc = ip_context(conn);
         let new = existing.is_none();
         // Addresses: this manager owns the lease of a connection it started;
-        // later segments of a chain carry the client's addresses.
-        let leased = segment == 0;
+        // continuations carry the client's addresses.
+        let leased = !continuation;
         if leased {
             let exclude: Vec<IpNet> = ipc
                 .excluded_prefixes
@@ -1147,10 +1229,12 @@ impl Manager {
         } else {
             (Vec::new(), Vec::new())
         };
-        let (dst_addrs, dst_routes) = if target.is_some() {
-            (Vec::new(), Vec::new())
-        } else {
-            (ipc.dst_ip_addrs.clone(), ipc.dst_routes.clone())
+        let dst_addrs_of = |passthrough: bool| {
+            if passthrough {
+                (Vec::new(), Vec::new())
+            } else {
+                (ipc.dst_ip_addrs.clone(), ipc.dst_routes.clone())
+            }
         };
         let client_side = kernel_side(
             &client_netns,
@@ -1164,12 +1248,13 @@ impl Manager {
 
         if let Some(url) = self.local_url(&nse) {
             // Same node: the endpoint first (it tells us its netns), then one kernel<->kernel cross-connect.
-            self.set_pending(
-                &conn.id,
-                target.as_ref().map(|_| (segment, plan_labels.clone())),
-            );
-            let asked = self.ask_endpoint(&nse.name, &url, &out).await;
-            self.set_pending(&conn.id, None);
+            let d = Dispatch {
+                segment,
+                labels: plan_labels.clone(),
+                function: target.is_some(),
+                continued: false,
+            };
+            let (asked, continued) = self.dispatch(&nse.name, &url, &out, d).await;
             let (reply, nse_netns) = match asked {
                 Ok(r) => r,
                 Err(e) => {
@@ -1177,6 +1262,9 @@ impl Manager {
                     return Err(e);
                 }
             };
+            let passthrough =
+                continued || existing.is_some_and(|r| r.passthrough && r.endpoint_name == nse.name);
+            let (dst_addrs, dst_routes) = dst_addrs_of(target.is_some() || passthrough);
             let xc = CrossConnect {
                 id: conn.id.clone(),
                 source: Some(client_side),
@@ -1220,6 +1308,7 @@ impl Manager {
                 segment,
                 function: target.clone(),
                 plan_labels: plan_labels.clone(),
+                passthrough,
             });
         }
 
@@ -1296,6 +1385,7 @@ impl Manager {
             loop {
                 let mut req = tonic::Request::new(message.clone());
                 req.set_timeout(Duration::from_secs(20));
+                nsm_trace::inject(req.metadata_mut());
                 match NetworkServiceClient::new(ch.clone()).request(req).await {
                     Ok(r) => break Ok(r.into_inner()),
                     Err(s)
@@ -1377,6 +1467,7 @@ impl Manager {
             segment,
             function: target.clone(),
             plan_labels: plan_labels.clone(),
+            passthrough: false,
         })
     }
 
@@ -1410,15 +1501,8 @@ impl Manager {
             });
         let (segment, target, plan_labels) = (hop.segment, hop.target, hop.labels);
         let nse = self
-            .pick_endpoint(
-                target.as_deref().unwrap_or(&service),
-                target.is_some(),
-                conn,
-                existing,
-                true,
-            )
+            .select_endpoint(target.as_deref(), conn, existing, true)
             .await?;
-        self.close_old_endpoint(existing, &nse.name).await;
         let url = self.local_url(&nse).ok_or_else(|| RequestError::Endpoint {
             name: nse.name.clone(),
             url: nse.url.clone(),
@@ -1428,17 +1512,21 @@ impl Manager {
         let mut out = conn.clone();
         out.payload = payload.clone();
         out.network_service_endpoint_name = nse.name.clone();
-        self.set_pending(
-            &conn.id,
-            target.as_ref().map(|_| (segment, plan_labels.clone())),
-        );
-        let asked = self.ask_endpoint(&nse.name, &url, &out).await;
-        self.set_pending(&conn.id, None);
+        let d = Dispatch {
+            segment,
+            labels: plan_labels.clone(),
+            function: target.is_some(),
+            continued: false,
+        };
+        let (asked, continued) = self.dispatch(&nse.name, &url, &out, d).await;
         let (reply, nse_netns) = asked?;
+        let passthrough =
+            continued || existing.is_some_and(|r| r.passthrough && r.endpoint_name == nse.name);
         let ipc = ip_context(&out);
         let mtu = out.context.as_ref().map(|c| c.mtu).unwrap_or(0);
-        // A function endpoint's interface gets no addresses (it forwards).
-        let (dst_addrs, dst_routes) = if target.is_some() {
+        // A function or passthrough endpoint's interface gets no addresses
+        // (it forwards; the final endpoint answers).
+        let (dst_addrs, dst_routes) = if target.is_some() || passthrough {
             (Vec::new(), Vec::new())
         } else {
             (ipc.dst_ip_addrs.clone(), ipc.dst_routes.clone())
@@ -1506,6 +1594,7 @@ impl Manager {
             segment,
             function: target.clone(),
             plan_labels: plan_labels.clone(),
+            passthrough,
         })
     }
 
@@ -1668,6 +1757,7 @@ impl Manager {
     /// manager, which monitors us, re-request it. Attempts are paced.
     async fn heal(&self, id: &str, rec: &Record, now: u64) {
         const PACE_MS: u64 = 2_000;
+        crate::metrics::global().loss_detected(id);
         {
             let mut m = self.heal_attempts.lock().unwrap_or_else(|p| p.into_inner());
             m.retain(|_, t| now.saturating_sub(*t) < 60_000);
@@ -1684,8 +1774,10 @@ impl Manager {
                 .await
                 .map_err(RequestError::from),
         };
-        if let Err(e) = res {
-            tracing::warn!(id = %id, error = %e, "healing failed; will retry");
+        match res {
+            Ok(()) if rec.role == Role::Client => crate::metrics::global().healed(id),
+            Ok(()) => crate::metrics::global().forget(id),
+            Err(e) => tracing::warn!(id = %id, error = %e, "healing failed; will retry"),
         }
     }
 
@@ -1709,13 +1801,17 @@ impl Manager {
                 continue;
             }
             tracing::info!(id = %id, "forwarder lacks cross-connect; programming it again");
+            crate::metrics::global().loss_detected(&id);
             let res = if rec.role == Role::Client && rec.remote {
                 self.refresh(&rec).await
             } else {
                 self.reprogram(&id).await
             };
-            if let Err(e) = res {
-                tracing::warn!(id = %id, error = %e, "re-programming failed; will retry on the next snapshot or refresh");
+            match res {
+                Ok(()) => crate::metrics::global().healed(&id),
+                Err(e) => {
+                    tracing::warn!(id = %id, error = %e, "re-programming failed; will retry on the next snapshot or refresh");
+                }
             }
         }
     }

@@ -313,9 +313,13 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
     };
 
     let (stop, stop_rx) = watch::channel(false);
+    // Requests and Closes are spans `nsm.manager/METHOD`, children of the
+    // caller's (W3C traceparent in the metadata).
+    let trace_layer = nsm_trace::ServerLayer::new("nsm.manager", &opts.name);
     let router = |local: bool| {
         let rewrite = local.then(|| (advertise_url.clone(), local_nses.clone()));
         let mut r = Server::builder()
+            .layer(trace_layer.clone())
             .add_service(NetworkServiceServer::new(NsServer {
                 manager: manager.clone(),
             }))
@@ -474,16 +478,21 @@ impl NetworkService for NsServer {
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
         let who = principal_of(&r);
         let peer = peer_of(&r).cloned();
+        let req = r.into_inner();
+        nsm_trace::record_request(&req);
         let conn = self
             .manager
-            .request_from(r.into_inner(), managed, &who, peer.as_ref())
+            .request_from(req, managed, &who, peer.as_ref())
             .await?;
+        nsm_trace::record_connection(&conn);
         Ok(Response::new(conn))
     }
 
     async fn close(&self, r: Request<Connection>) -> Result<Response<()>, Status> {
         let who = principal_of(&r);
-        self.manager.close_from(&r.into_inner(), &who).await?;
+        let conn = r.into_inner();
+        nsm_trace::record_connection(&conn);
+        self.manager.close_from(&conn, &who).await?;
         Ok(Response::new(()))
     }
 }

@@ -58,6 +58,11 @@ struct Args {
     /// Labels for the service, k=v,k2=v2 (matched by destination selectors).
     #[arg(long, default_value = "")]
     labels: String,
+    /// Labels set on onward requests over the client's, k=v,... (as NSM's
+    /// passthroughs do for composition by registry matches, e.g.
+    /// app=firewall with a `source_selector: {app: firewall}` route onward).
+    #[arg(long, default_value = "")]
+    onward_labels: String,
     /// The local manager's unix socket (registration and onward requests).
     #[arg(long, default_value = "/var/lib/networkservicemesh/nsm.io.sock")]
     manager: PathBuf,
@@ -71,6 +76,11 @@ struct Args {
     /// JSON counters file, rewritten atomically every second and at exit.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
+    /// OTLP/gRPC collector to export spans to (default:
+    /// $OTEL_EXPORTER_OTLP_ENDPOINT; neither = no export). Service name:
+    /// $OTEL_SERVICE_NAME or nsm-passthrough@NAME.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 /// `EX_USAGE`-like exit for bad arguments, as clap does.
@@ -83,16 +93,18 @@ fn bad(msg: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // RUST_LOG (e.g. `nsm_passthrough=debug` shows refreshes); info by default.
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Colours only on a terminal: the testbed writes logs to files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Logs on stderr (RUST_LOG, e.g. `nsm_passthrough=debug` shows
+    // refreshes; info by default; colours only on a terminal), and spans
+    // over OTLP when an endpoint is configured.
+    let trace = nsm_trace::TraceConfig::from_env(
+        "nsm-passthrough",
+        &args.name,
+        args.otlp_endpoint.as_deref(),
+    );
+    let _telemetry = match nsm_trace::init(&trace) {
+        Ok(t) => t,
+        Err(e) => return bad(e),
+    };
     if args.name.trim().is_empty() {
         return bad("--name must not be empty");
     }
@@ -109,6 +121,10 @@ fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return bad(format_args!("--labels: {e}")),
     };
+    let onward_labels = match nsm_manager::parse_labels(&args.onward_labels) {
+        Ok(l) => l.into_iter().collect(),
+        Err(e) => return bad(format_args!("--onward-labels: {e}")),
+    };
     // A parent may have left SIGTERM/SIGINT blocked in the mask we
     // inherited (a blocked mask survives exec); then we could never be told
     // to stop cleanly. Unblock them before any thread exists.
@@ -122,7 +138,10 @@ fn main() -> ExitCode {
     };
     // The manager client is made (lazily connected) on the runtime.
     let _rt = rt.enter();
-    let pt = Passthrough::new(PassthroughConfig::new(&args.name, args.manager.clone()));
+    let pt = Passthrough::new(PassthroughConfig {
+        onward_labels,
+        ..PassthroughConfig::new(&args.name, args.manager.clone())
+    });
     if let Some(path) = &args.stats {
         // Fail now, not silently every second.
         if let Err(e) = stats::write_atomic(path, &pt.stats().snapshot()) {

@@ -54,6 +54,11 @@ pub struct PassthroughConfig {
     /// How long to wait for the interfaces before logging that they did not
     /// appear (default 30 s; the link keeps waiting).
     pub appear_timeout: Duration,
+    /// Labels set on onward requests over the client's (default none). NSM
+    /// composition by registry matches routes a passthrough's onward
+    /// request by them (`source_selector: {app: firewall}`); policies plan
+    /// with the client's labels whatever these are.
+    pub onward_labels: std::collections::BTreeMap<String, String>,
 }
 
 impl PassthroughConfig {
@@ -66,6 +71,7 @@ impl PassthroughConfig {
             inode_url: nsm_manager::netns::own_url(),
             onward_timeout: Duration::from_secs(20),
             appear_timeout: Duration::from_secs(30),
+            onward_labels: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -187,10 +193,21 @@ impl Passthrough {
         locked(&self.inner.ifnames).remove(name);
     }
 
+    /// Sets the configured onward labels over the client's.
+    fn label_onward(&self, req: &mut NetworkServiceRequest) {
+        if let Some(c) = req.connection.as_mut() {
+            for (k, v) in &self.inner.cfg.onward_labels {
+                c.labels.insert(k.clone(), v.clone());
+            }
+        }
+    }
+
     async fn send_onward(&self, req: NetworkServiceRequest) -> Result<Connection, Status> {
         let timeout = self.inner.cfg.onward_timeout;
         let mut r = Request::new(req);
         r.set_timeout(timeout);
+        // The onward Request is a child of the incoming one: same trace.
+        nsm_trace::inject(r.metadata_mut());
         let mut client = self.inner.client.clone();
         match tokio::time::timeout(timeout, client.request(r)).await {
             Ok(res) => res.map(Response::into_inner),
@@ -204,6 +221,7 @@ impl Passthrough {
         let timeout = self.inner.cfg.onward_timeout;
         let mut r = Request::new(conn.clone());
         r.set_timeout(timeout);
+        nsm_trace::inject(r.metadata_mut());
         let mut client = self.inner.client.clone();
         match tokio::time::timeout(timeout, client.close(r)).await {
             Ok(res) => res.map(drop),
@@ -288,12 +306,14 @@ impl NetworkService for Passthrough {
         if conn.id.is_empty() {
             return Err(Status::invalid_argument("request has no connection id"));
         }
+        nsm_trace::record_connection(conn);
         let (pref, incoming_if) = onward::incoming_kernel(&req)
             .map_err(|e| Status::invalid_argument(format!("passthrough `{}`: {e}", cfg.name)))?;
         let (slot, mut guard) = self.lock_slot(&conn.id).await;
         if let Some(active) = guard.as_mut() {
-            let again =
+            let mut again =
                 onward::refresh_request(&active.onward, conn, &active.onward_if, &cfg.inode_url);
+            self.label_onward(&mut again);
             let back = self
                 .send_onward(again)
                 .await
@@ -307,8 +327,9 @@ impl NetworkService for Passthrough {
         } else {
             let segment_id = nsm_manager::util::uuid();
             let onward_if = self.reserve_ifname(&conn.id);
-            let first =
+            let mut first =
                 onward::onward_request(conn, &cfg.name, &segment_id, &onward_if, &cfg.inode_url);
+            self.label_onward(&mut first);
             let sent = first.connection.clone().unwrap_or_default();
             let fail = |st: Status| {
                 self.release_ifname(&onward_if);
@@ -367,6 +388,7 @@ impl NetworkService for Passthrough {
 
     async fn close(&self, r: Request<Connection>) -> Result<Response<()>, Status> {
         let conn = r.into_inner();
+        nsm_trace::record_connection(&conn);
         let Some(slot) = locked(&self.inner.slots).get(&conn.id).cloned() else {
             tracing::debug!(id = %conn.id, "close of an unknown connection");
             return Ok(Response::new(()));

@@ -143,4 +143,5 @@ pub use nsm::manager;
 
 pub mod annotation;
 pub mod mechanisms;
+pub mod metrics_http;
 pub mod uds;

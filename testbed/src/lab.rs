@@ -233,6 +233,8 @@ pub struct Lab {
     state: State,
     children: Vec<Child>,
     detached: bool,
+    /// Extra environment of every process the lab starts ([`Lab::up_with_env`]).
+    env: Vec<(String, String)>,
 }
 
 /// The mesh programs: per node (in start order), and per endpoint pod.
@@ -252,6 +254,20 @@ impl Lab {
     /// Builds the lab described by `topology` and starts its processes.
     /// On failure, everything already made is removed before returning.
     pub fn up(topology: Topology, opts: &Options) -> Result<Lab, LabError> {
+        Lab::up_with_env(topology, opts, &[])
+    }
+
+    /// [`Lab::up`], with `env` added to the environment of every process
+    /// the lab starts (forwarders, managers, endpoints, `run` commands),
+    /// now and on [`Lab::restart`]; everything else is inherited from this
+    /// process as with `up`. E.g. `OTEL_EXPORTER_OTLP_ENDPOINT` makes the
+    /// whole mesh export its traces. (A method rather than an [`Options`]
+    /// field, so that code building `Options` literally keeps compiling.)
+    pub fn up_with_env(
+        topology: Topology,
+        opts: &Options,
+        env: &[(String, String)],
+    ) -> Result<Lab, LabError> {
         topology.validate()?;
         if !sys::is_root() {
             return Err(LabError::NotRoot);
@@ -270,6 +286,7 @@ impl Lab {
             state: State::default(),
             children: Vec::new(),
             detached: false,
+            env: env.to_vec(),
         };
         // From here on, a failure drops `lab`, which tears down what exists;
         // the logs that explain the failure are kept first.
@@ -323,6 +340,7 @@ impl Lab {
             children: Vec::new(),
             // Attaching never implies ownership: only `down` removes it.
             detached: true,
+            env: Vec::new(),
         })
     }
 
@@ -881,6 +899,8 @@ impl Lab {
         #[derive(Serialize)]
         struct Config<'a> {
             services: Vec<ServiceConfig<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            authorization: Option<&'a crate::topology::Authorization>,
         }
         #[derive(Serialize)]
         struct ServiceConfig<'a> {
@@ -899,10 +919,25 @@ impl Lab {
                     cidr: s.cidr.iter().map(|c| c.to_string()).collect(),
                 })
                 .collect(),
+            authorization: self.topology.authorization.as_ref(),
         };
         let path = self.manager_config();
         let text = serde_norway::to_string(&config).expect("config serializes");
+        fs::write(&path, text).map_err(self.io_err(&path))?;
+        // Every manager enforces the authorization policy for its own
+        // clients; only the registry manager owns the pools.
+        let node_config = Config {
+            services: Vec::new(),
+            authorization: config.authorization,
+        };
+        let path = self.node_config();
+        let text = serde_norway::to_string(&node_config).expect("config serializes");
         fs::write(&path, text).map_err(self.io_err(&path))
+    }
+
+    /// The other managers' config: the authorization policy only.
+    fn node_config(&self) -> PathBuf {
+        self.dir.join("node-manager.yaml")
     }
 
     /// The managers' config (services and their pools).
@@ -985,6 +1020,9 @@ impl Lab {
             ]);
         } else {
             args.extend(["--registry".into(), self.manager_url(registry)]);
+            if self.topology.authorization.is_some() {
+                args.extend(["--config".into(), self.node_config().display().to_string()]);
+            }
         }
         args
     }
@@ -1010,6 +1048,14 @@ impl Lab {
         ];
         if !labels.is_empty() {
             args.extend(["--labels".into(), labels.join(",")]);
+        }
+        if !e.onward_labels.is_empty() {
+            let l: Vec<String> = e
+                .onward_labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            args.extend(["--onward-labels".into(), l.join(",")]);
         }
         if e.passthrough {
             args.extend([
@@ -1087,6 +1133,7 @@ impl Lab {
         cmd.args(["netns", "exec", &ns])
             .arg(path)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err_file)

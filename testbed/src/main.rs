@@ -7,6 +7,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 use nsm_testbed::lab::{self, Lab, LabError, Options};
@@ -248,22 +250,29 @@ fn run(cmd: Cmd, opts: &Options) -> Result<ExitCode, CliError> {
 /// Children start with an empty signal mask (std resets it), so the mesh
 /// programs still get SIGTERM from teardown.
 fn remove_on_signal(lab: &str) -> Result<(), CliError> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(s);
+    // A flag set by a signal handler, not a blocked mask and sigwait: the
+    // mesh processes `up` starts inherit the signal mask, and blocked
+    // SIGTERM/SIGINT would never reach them (a handler resets to the
+    // default at exec; a mask does not).
+    let flag = Arc::new(AtomicBool::new(false));
+    for s in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(s, flag.clone()).map_err(|source| LabError::Io {
+            lab: lab.to_string(),
+            path: PathBuf::from("sigaction"),
+            source,
+        })?;
     }
-    set.thread_block().map_err(|e| LabError::Io {
-        lab: lab.to_string(),
-        path: PathBuf::from("sigprocmask"),
-        source: e.into(),
-    })?;
     let lab = lab.to_string();
     std::thread::spawn(move || {
-        if let Ok(signal) = set.wait() {
-            eprintln!("nsm-testbed: {signal:?}: stopping and removing lab {lab}");
-            lab::interrupt();
+        while !flag.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        eprintln!("nsm-testbed: signal: stopping and removing lab {lab}");
+        lab::interrupt();
     });
     Ok(())
 }

@@ -90,36 +90,49 @@ pub fn request(
         }),
         mechanism_preferences: vec![kernel::local(&req.interface, netns_path)],
     };
-    runtime().block_on(async {
-        let mut client = NetworkServiceClient::new(channel(manager_socket).await?);
-        let mut grpc = tonic::Request::new(request);
-        grpc.set_timeout(timeout);
-        if managed {
-            grpc.metadata_mut().insert(
-                MANAGED_METADATA.0,
-                MANAGED_METADATA.1.parse().expect("ascii"),
-            );
-        }
-        client
-            .request(grpc)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
-    })
+    // The client's span `nsm.client/Request`: a child of the caller's
+    // current span if it has one, else the root of the Request's trace;
+    // its context goes to the manager as W3C `traceparent` metadata.
+    let span = nsm_trace::client_span("Request");
+    runtime().block_on(tracing::Instrument::instrument(
+        async {
+            let mut client = NetworkServiceClient::new(channel(manager_socket).await?);
+            let mut grpc = tonic::Request::new(request);
+            grpc.set_timeout(timeout);
+            if managed {
+                grpc.metadata_mut().insert(
+                    MANAGED_METADATA.0,
+                    MANAGED_METADATA.1.parse().expect("ascii"),
+                );
+            }
+            nsm_trace::inject(grpc.metadata_mut());
+            let r = client.request(grpc).await.map(tonic::Response::into_inner);
+            nsm_trace::record_outcome(&r);
+            if let Ok(c) = &r {
+                nsm_trace::record_connection(c);
+            }
+            r.map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        },
+        span,
+    ))
 }
 
 /// Closes a connection through a manager (the one the client asked).
 pub fn close(manager_socket: &Path, conn: &Connection, timeout: Duration) -> Result<(), String> {
-    runtime().block_on(async {
-        let mut client = NetworkServiceClient::new(channel(manager_socket).await?);
-        let mut grpc = tonic::Request::new(conn.clone());
-        grpc.set_timeout(timeout);
-        client
-            .close(grpc)
-            .await
-            .map(drop)
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
-    })
+    let span = nsm_trace::client_span("Close");
+    runtime().block_on(tracing::Instrument::instrument(
+        async {
+            let mut client = NetworkServiceClient::new(channel(manager_socket).await?);
+            let mut grpc = tonic::Request::new(conn.clone());
+            grpc.set_timeout(timeout);
+            nsm_trace::record_connection(conn);
+            nsm_trace::inject(grpc.metadata_mut());
+            let r = client.close(grpc).await.map(drop);
+            nsm_trace::record_outcome(&r);
+            r.map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        },
+        span,
+    ))
 }
 
 async fn channel(socket: &Path) -> Result<tonic::transport::Channel, String> {

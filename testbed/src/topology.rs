@@ -53,6 +53,37 @@ pub struct Topology {
     /// manager of the lab follows them (see [`crate::Lab::set_policies`]).
     #[serde(default)]
     pub policies: Vec<nsm_policy::Policy>,
+    /// Who may request which service: the registry manager's
+    /// `authorization:` (nsm-manager's authz module). Absent: everyone may
+    /// request everything. Only the first node's manager enforces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<Authorization>,
+}
+
+/// An authorization policy: a request is allowed when one rule matches.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authorization {
+    /// The allowing rules; none = deny everything but the managers' own calls.
+    #[serde(default)]
+    pub rules: Vec<AuthorizationRule>,
+}
+
+/// One allowing rule; a rule with neither `spiffe_ids` nor `uids` matches any caller.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationRule {
+    /// Service names, or `*`.
+    pub services: Vec<String>,
+    /// Callers' SPIFFE IDs (peer managers); a trailing `*` matches a prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spiffe_ids: Vec<String>,
+    /// Local callers' uids (on the manager's unix socket).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uids: Vec<u32>,
+    /// Labels the request must carry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The underlay between nodes: one bridge in its own namespace, one veth per node.
@@ -151,6 +182,10 @@ pub struct Endpoint {
     /// service needs no entry in `services` (it allocates no addresses).
     #[serde(default)]
     pub passthrough: bool,
+    /// Passthrough only: labels its onward requests carry over the
+    /// client's (for composition by registry matches, as NSM's passthroughs).
+    #[serde(default)]
+    pub onward_labels: BTreeMap<String, String>,
 }
 
 /// A client pod.
@@ -319,6 +354,12 @@ impl Topology {
         for (i, e) in self.endpoints.iter().enumerate() {
             let place = format!("endpoints[{i}] ({})", e.name);
             node_ref(&place, &e.node)?;
+            if !e.passthrough && !e.onward_labels.is_empty() {
+                return Err(TopologyError::at(
+                    format!("{place}.onward_labels"),
+                    "only a passthrough endpoint requests onward",
+                ));
+            }
             if !e.passthrough {
                 service_ref(&format!("{place}.service"), &e.service)?;
             } else if e.service.is_empty() {
@@ -354,6 +395,20 @@ impl Topology {
                         format!("no endpoint in endpoints serves `{}`", e.service),
                     ));
                 }
+            }
+        }
+
+        for (i, r) in self
+            .authorization
+            .iter()
+            .flat_map(|a| a.rules.iter())
+            .enumerate()
+        {
+            if r.services.is_empty() {
+                return Err(TopologyError::at(
+                    format!("authorization.rules[{i}].services"),
+                    "name at least one service (or `*`)",
+                ));
             }
         }
 
@@ -700,6 +755,21 @@ pods:
     fn bad_lab_name() {
         let e = err("name: Demo_1\nnodes: [{name: a}]\n");
         assert!(e.starts_with("name: `Demo_1` is not a valid name"), "{e}");
+    }
+
+    #[test]
+    fn authorization_is_strict() {
+        let base = "name: a\nnodes: [{name: n}]\nauthorization:\n  rules:\n";
+        let t = Topology::parse(&format!(
+            "{base}    - {{services: [s], labels: {{app: web}}, uids: [0]}}\n"
+        ))
+        .unwrap();
+        let again = serde_norway::to_string(&t).unwrap();
+        assert!(Topology::parse(&again).unwrap().authorization.is_some());
+        let e = err(&format!("{base}    - {{services: [s], spife_ids: [x]}}\n"));
+        assert!(e.contains("spife_ids"), "{e}");
+        let e = err(&format!("{base}    - {{services: []}}\n"));
+        assert!(e.starts_with("authorization.rules[0].services"), "{e}");
     }
 }
 

@@ -114,10 +114,16 @@ fn wait_until(lab: &Lab, what: &str, timeout: Duration, mut f: impl FnMut() -> b
 
 /// What a person debugging a failure wants to see.
 fn dump(lab: &Lab) {
-    for m in ["web", "insp-1", "insp-2", "server"] {
+    let t = lab.topology();
+    let members = t
+        .pods
+        .iter()
+        .map(|p| (p.name.as_str(), false))
+        .chain(t.endpoints.iter().map(|e| (e.name.as_str(), e.passthrough)));
+    for (m, passthrough) in members {
         let out = lab.exec(m, &["ip", "-br", "addr"]).unwrap();
         eprintln!("{m}:\n{}", String::from_utf8_lossy(&out.stdout));
-        if m.starts_with("insp") {
+        if passthrough {
             eprintln!(
                 "{}",
                 std::fs::read_to_string(lab.passthrough_stats_file(m)).unwrap_or_default()
@@ -391,4 +397,116 @@ policies:
         passed(&lab, spare) <= spare_now + 2,
         "no traffic through the inspector once the policy stopped steering there"
     );
+}
+
+/// NSM's composition by registry matches, with no policy: the service's
+/// matches send clients to the firewall (a passthrough), whose onward
+/// request (labelled `app: firewall`) goes to the gateway. The client's
+/// addresses reach the gateway unchanged, and the firewall's interfaces get
+/// none: the gateway, not the firewall, answers.
+#[test]
+fn registry_matches_compose_through_a_passthrough() {
+    use nsm_proto::registry::network_service_registry_client::NetworkServiceRegistryClient;
+    use nsm_proto::registry::{Destination, Match, NetworkService};
+    require_root();
+    let name = unique_lab_name("compose");
+    let topology = format!(
+        r#"
+name: {name}
+nodes: [{{name: node-1}}, {{name: node-2}}]
+services:
+  - {{name: nse-composition, cidr: 172.31.1.0/24}}
+endpoints:
+  - {{name: fw, node: node-1, service: nse-composition, labels: {{app: firewall}}, passthrough: true, onward_labels: {{app: firewall}}}}
+  - {{name: gw, node: node-2, service: nse-composition, labels: {{app: gateway}}}}
+pods:
+  - {{name: web, node: node-1}}
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        state_root: dir.path().to_path_buf(),
+        progress: false,
+        mesh: true,
+        manager_args: Vec::new(),
+    };
+    let lab = Lab::up(Topology::parse(&topology).expect("valid"), &opts).expect("lab up");
+    // The service's matches, as NSM's composition example writes them.
+    let route = |app: &str| Destination {
+        destination_selector: [("app".to_string(), app.to_string())].into(),
+        ..Default::default()
+    };
+    let service = NetworkService {
+        name: "nse-composition".into(),
+        payload: "IP".into(),
+        matches: vec![
+            Match {
+                source_selector: [("app".to_string(), "firewall".to_string())].into(),
+                routes: vec![route("gateway")],
+                ..Default::default()
+            },
+            Match {
+                routes: vec![route("firewall")],
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = nsm_proto::uds::connect_unix(&lab.manager_socket("node-1"))
+            .await
+            .unwrap();
+        NetworkServiceRegistryClient::new(ch)
+            .register(service)
+            .await
+            .expect("register the service's matches");
+    });
+    let req = RequestedConnection {
+        id: format!("{name}-web"),
+        pod: "web".into(),
+        node: "node-1".into(),
+        interface: "nsm-1".into(),
+        service: "nse-composition".into(),
+        labels: [("app".to_string(), "web".to_string())].into(),
+    };
+    let conn = mesh::request(
+        &lab.manager_socket("node-1"),
+        &netns_path(&lab, "web"),
+        &req,
+        true,
+        TIMEOUT,
+    )
+    .expect("the composed connection comes up");
+    assert_eq!(
+        conn.network_service_endpoint_name, "fw",
+        "the firewall first"
+    );
+    let ipc = conn.context.unwrap().ip_context.unwrap();
+    let gw_addr = ipc.dst_ip_addrs[0].split('/').next().unwrap().to_string();
+    wait_until(
+        &lab,
+        "ping crosses the firewall to the gateway",
+        TIMEOUT,
+        || ok(&lab, "web", &["ping", "-c", "1", "-W", "1", &gw_addr]),
+    );
+    let addrs = |m: &str| {
+        String::from_utf8_lossy(&lab.exec(m, &["ip", "-br", "addr"]).unwrap().stdout).into_owned()
+    };
+    assert!(
+        addrs("gw").contains(&format!("{gw_addr}/")),
+        "the gateway holds the client's peer address: {}",
+        addrs("gw")
+    );
+    assert!(
+        !addrs("fw").contains("172.31.1."),
+        "the firewall's mesh interfaces carry no addresses: {}",
+        addrs("fw")
+    );
+    wait_until(&lab, "the firewall counted the ping", TIMEOUT, || {
+        passed(&lab, "fw") >= 2
+    });
 }

@@ -42,7 +42,7 @@ Output: a table of medians and of nsm-rs's ratios to every other implementation 
 progress line on stderr, --json with every run's raw figures, medians and ratios of each \
 implementation to each other one, and --svg with one bar panel per metric.
 
-The mesh binaries are taken from $NSM_BIN_DIR, else target/release when built \
+The mesh binaries are taken from $NSM_BIN_DIR, else target/release when built and not older than target/debug \
 (cargo build --release -p nsm-testbed -p nsm-forwarder -p nsm-manager), else target/debug; the \
 output says which. Needs root. Exit codes: 0 done, 1 failure, 2 bad arguments.
 
@@ -195,7 +195,8 @@ fn write(path: &Path, text: &str) -> bool {
     }
 }
 
-/// Picks the mesh binaries (release first) and points the testbed at them
+/// Picks the mesh binaries (release first, unless older than the debug
+/// ones) and points the testbed at them
 /// with `NSM_BIN_DIR`; returns a description for the output.
 fn choose_mesh_build() -> String {
     const PROGRAMS: [&str; 3] = ["nsm-forwarder", "nsm-manager", "nsm-endpoint"];
@@ -205,7 +206,24 @@ fn choose_mesh_build() -> String {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    for profile in ["release", "debug"] {
+    // Release first, unless its binaries are older than the debug ones (a
+    // stale release build would not understand today's flags).
+    let oldest = |dir: &Path| {
+        PROGRAMS
+            .iter()
+            .map(|p| dir.join(p).metadata().and_then(|m| m.modified()).ok())
+            .collect::<Option<Vec<_>>>()
+            .and_then(|v| v.into_iter().min())
+    };
+    let mut profiles = ["release", "debug"];
+    if let (Some(r), Some(d)) = (
+        oldest(&target.join("release")),
+        oldest(&target.join("debug")),
+    ) && r < d
+    {
+        profiles.reverse();
+    }
+    for profile in profiles {
         let dir = target.join(profile);
         if PROGRAMS.iter().all(|p| dir.join(p).is_file()) {
             let dir = dir.canonicalize().unwrap_or(dir);

@@ -11,6 +11,8 @@
 //! - [`mirror`]: copies into a ring the forwarder drains ([`pcap`] formats
 //!   them for a file);
 //! - [`counter`]: packets and bytes at a point of the chain;
+//! - [`flowlog`]: not a function: sampled flow records the chain keeps
+//!   when the forwarder logs flows ([`build_with_flow_log`]);
 //! - [`fault`]: seeded loss and corruption; its delay is applied by the
 //!   forwarder with a [`delay::DelayLine`] (no I/O here either).
 //!
@@ -22,6 +24,7 @@ pub mod counter;
 pub mod delay;
 pub mod fault;
 mod flow;
+pub mod flowlog;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz_chain;
@@ -35,11 +38,12 @@ pub use acl::{AclHandle, AclSnapshot, AclStage};
 pub use counter::{CounterHandle, CounterSnapshot, CounterStage};
 pub use delay::{DelayError, DelayLine};
 pub use fault::{FaultHandle, FaultSnapshot, FaultStage};
+pub use flowlog::{FlowLogReader, FlowLogSnapshot, FlowLogSpec, FlowRecord};
 pub use mirror::{MirrorHandle, MirrorReader, MirrorRecord, MirrorSnapshot, MirrorStage};
 pub use nat44::{Nat44Handle, Nat44Snapshot, Nat44Stage};
 pub use ratelimit::{RateLimitDirSnapshot, RateLimitHandle, RateLimitSnapshot, RateLimitStage};
 pub use spec::{
     AclAction, AclRule, AclSpec, BuiltChain, ChainElement, ChainSpec, FaultSpec, FlowMatch,
     FunctionSpec, MirrorSpec, Nat44Spec, PortRange, Prefix, PrefixParseError, Proto, RateLimitSpec,
-    SpecError, SpecErrorKind, StageHandle, build,
+    SpecError, SpecErrorKind, StageHandle, build, build_with_flow_log,
 };

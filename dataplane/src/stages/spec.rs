@@ -31,6 +31,7 @@ use crate::stages::acl::{AclHandle, AclStage};
 use crate::stages::counter::{CounterHandle, CounterStage};
 use crate::stages::fault::{FaultHandle, FaultStage};
 use crate::stages::flow::{Fields, MAX_CAPACITY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::stages::flowlog::{FlowLogReader, FlowLogSpec, FlowLogStage};
 use crate::stages::mirror::{MirrorHandle, MirrorReader, MirrorStage};
 use crate::stages::nat44::{Nat44Handle, Nat44Stage};
 use crate::stages::ratelimit::{RateLimitHandle, RateLimitStage};
@@ -879,7 +880,7 @@ struct Element {
 }
 
 #[derive(Debug)]
-struct Builtins(Vec<Element>);
+struct Builtins(Vec<Element>, Option<FlowLogStage>);
 
 impl Stage for Builtins {
     /// Runs the elements in order. The packet's [`Fields`] are read once,
@@ -891,7 +892,16 @@ impl Stage for Builtins {
     fn process(&mut self, ctx: &StageCtx, packet: &mut IpPacket<'_>) -> Verdict {
         let mut fields: Option<Fields> = None;
         let mut verdict = Verdict::Pass;
+        // With a flow log: the tuple as the packet entered, and each
+        // function's answer as a bit (function i = bit i; none past 32).
+        let logged = self
+            .1
+            .as_ref()
+            .map(|_| *Fields::cached(&mut fields, packet));
+        let (mut bit, mut passed, mut held) = (1u32, 0u32, 0u32);
         for e in self.0.iter_mut() {
+            let this = bit;
+            bit <<= 1;
             if let Some(sel) = &e.selector
                 && !sel.matches(Fields::cached(&mut fields, packet), ctx.direction)
             {
@@ -912,12 +922,30 @@ impl Stage for Builtins {
                     v
                 }
             };
+            match v {
+                Verdict::Pass => passed |= this,
+                Verdict::Hold(_) => held |= this,
+                Verdict::Drop(_) => {}
+            }
             verdict = verdict.and(v);
             if let Verdict::Drop(r) = verdict {
+                if let (Some(log), Some(f)) = (&mut self.1, &logged) {
+                    let len = packet.bytes().len();
+                    log.observe(ctx, f, len, (passed, held, this), Some(r));
+                }
                 return Verdict::Drop(r);
             }
         }
+        if let (Some(log), Some(f)) = (&mut self.1, &logged) {
+            log.observe(ctx, f, packet.bytes().len(), (passed, held, 0), None);
+        }
         verdict
+    }
+
+    fn poll(&mut self, now: Instant) {
+        if let Some(log) = &mut self.1 {
+            log.poll(now);
+        }
     }
 
     fn name(&self) -> &'static str {
@@ -928,6 +956,17 @@ impl Stage for Builtins {
 /// Validates `spec` and builds its chain: all allocation happens here.
 /// `now` is the mirror ring's time origin (records carry `Instant`s).
 pub fn build(spec: &ChainSpec, now: Instant) -> Result<BuiltChain, SpecError> {
+    build_with_flow_log(spec, now, None).map(|(b, _)| b)
+}
+
+/// [`build`], and with `flow_log` a flow log run after the functions (even
+/// when there are none) and the reader of its records (see [`super::flowlog`];
+/// `now` is also its records' time origin).
+pub fn build_with_flow_log(
+    spec: &ChainSpec,
+    now: Instant,
+    flow_log: Option<&FlowLogSpec>,
+) -> Result<(BuiltChain, Option<FlowLogReader>), SpecError> {
     spec.validate()?;
     let mut stages = Vec::with_capacity(spec.functions.len());
     let mut handles = Vec::with_capacity(spec.functions.len());
@@ -966,12 +1005,19 @@ pub fn build(spec: &ChainSpec, now: Instant) -> Result<BuiltChain, SpecError> {
         stages.push(Element { selector, stage });
         handles.push(handle);
     }
-    let chain = if stages.is_empty() {
+    let (log, reader) = match flow_log {
+        Some(fl) => {
+            let (s, r) = FlowLogStage::new(fl, names.clone(), now);
+            (Some(s), Some(r))
+        }
+        None => (None, None),
+    };
+    let chain = if stages.is_empty() && log.is_none() {
         Chain::empty()
     } else {
-        Chain::with_names(Builtins(stages), names)
+        Chain::with_names(Builtins(stages, log), names)
     };
-    Ok(BuiltChain { chain, handles })
+    Ok((BuiltChain { chain, handles }, reader))
 }
 
 #[cfg(test)]

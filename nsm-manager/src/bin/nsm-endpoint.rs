@@ -34,15 +34,25 @@ struct Args {
     /// Registration lifetime in seconds; refreshed every third of it.
     #[arg(long, default_value_t = 60)]
     registration_lifetime_secs: u64,
+    /// OTLP/gRPC collector to export spans to (default:
+    /// $OTEL_EXPORTER_OTLP_ENDPOINT; neither = no export). Service name:
+    /// $OTEL_SERVICE_NAME or nsm-endpoint@NAME.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: the testbed writes logs to files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Logs on stderr; spans over OTLP when an endpoint is configured.
+    let trace =
+        nsm_trace::TraceConfig::from_env("nsm-endpoint", &args.name, args.otlp_endpoint.as_deref());
+    let _telemetry = match nsm_trace::init(&trace) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("nsm-endpoint: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let labels = match nsm_manager::parse_labels(&args.labels) {
         Ok(l) => l,
         Err(e) => {

@@ -33,6 +33,11 @@ struct Args {
     /// towards 192.0.2.1 (pass it explicitly on multi-homed hosts).
     #[arg(long)]
     advertise_url: Option<String>,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://IP:PORT/metrics:
+    /// Request and heal latency, requests by outcome, connections, registry
+    /// sizes. Absent: no metrics server.
+    #[arg(long, env = "NSM_METRICS_LISTEN", value_name = "IP:PORT")]
+    metrics_listen: Option<SocketAddr>,
     /// Unix socket of this node's nsm-forwarder.
     #[arg(long, default_value = "/var/lib/networkservicemesh/forwarder.sock")]
     forwarder: PathBuf,
@@ -92,19 +97,27 @@ struct Args {
     /// How often the identity files are checked for rotation (ms, s, m, h).
     #[arg(long, default_value = "5s", value_parser = nsm_manager::parse_duration)]
     identity_reload: std::time::Duration,
+    /// OTLP/gRPC collector (e.g. http://192.0.2.9:4317) to export the spans
+    /// of Requests and Closes to. Default: $OTEL_EXPORTER_OTLP_ENDPOINT;
+    /// neither set = no export. The service name is $OTEL_SERVICE_NAME or
+    /// nsm-manager@NAME.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: the testbed writes logs to files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    // Logs on stderr (RUST_LOG, default info; colours only on a terminal),
+    // and spans over OTLP when an endpoint is configured.
+    let trace =
+        nsm_trace::TraceConfig::from_env("nsm-manager", &args.name, args.otlp_endpoint.as_deref());
+    let _telemetry = match nsm_trace::init(&trace) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("nsm-manager: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let config = match &args.config {
         Some(p) => match Config::load(p) {
             Ok(c) => c,
@@ -185,6 +198,16 @@ fn main() -> ExitCode {
                 reload_period: args.identity_reload,
             },
         };
+        let metrics = match args.metrics_listen {
+            Some(addr) => match nsm_proto::metrics_http::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("nsm-manager: metrics listener {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
         let mut handle = match start(opts).await {
             Ok(h) => h,
             Err(e) => {
@@ -192,6 +215,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(l) = metrics {
+            let task =
+                nsm_manager::metrics::serve(l, handle.manager.clone(), handle.registry.clone());
+            handle.spawn(task);
+        }
         if let (Some(path), Some((set, text))) = (args.policies, policies) {
             if let Err(e) = handle
                 .manager

@@ -291,11 +291,17 @@ async fn run(args: Args) -> Result<(), Failure> {
                     "true".parse().map_err(|_| "metadata")?,
                 );
             }
-            let c = NetworkServiceClient::new(manager(&args.manager).await?)
-                .request(req)
-                .await
-                .map_err(st(&format!("request {service}")))?
-                .into_inner();
+            // The root of the Request's trace (exported when configured).
+            let span = nsm_trace::client_span("Request");
+            span.in_scope(|| nsm_trace::inject(req.metadata_mut()));
+            let c = tracing::Instrument::instrument(
+                NetworkServiceClient::new(manager(&args.manager).await?).request(req),
+                span.clone(),
+            )
+            .await
+            .map_err(st(&format!("request {service}")))?
+            .into_inner();
+            span.in_scope(|| nsm_trace::record_connection(&c));
             if json {
                 println!("{}", inspect::connection_json(&c));
             } else {
@@ -303,13 +309,21 @@ async fn run(args: Args) -> Result<(), Failure> {
             }
         }
         Cmd::Close { id } => {
-            NetworkServiceClient::new(manager(&args.manager).await?)
-                .close(Connection {
-                    id: id.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(st(&format!("close {id}")))?;
+            let span = nsm_trace::client_span("Close");
+            let mut req = tonic::Request::new(Connection {
+                id: id.clone(),
+                ..Default::default()
+            });
+            span.in_scope(|| {
+                nsm_trace::record_id(&id);
+                nsm_trace::inject(req.metadata_mut());
+            });
+            tracing::Instrument::instrument(
+                NetworkServiceClient::new(manager(&args.manager).await?).close(req),
+                span,
+            )
+            .await
+            .map_err(st(&format!("close {id}")))?;
         }
         Cmd::Get { what, json } => match what {
             What::Services => {
@@ -415,6 +429,19 @@ fn main() -> ExitCode {
     let args = match args.cmd {
         Cmd::Ca { cmd } => return exit(ca(cmd).map_err(Failure::Failed)),
         cmd => Args { cmd, ..args },
+    };
+    // With $OTEL_EXPORTER_OTLP_ENDPOINT set, `request` and `close` are the
+    // root spans of their traces (`nsm.client/Request`, `nsm.client/Close`),
+    // exported as service $OTEL_SERVICE_NAME or nsmctl@local. Unset: no
+    // subscriber at all, as before.
+    let trace = nsm_trace::TraceConfig::from_env("nsmctl", "local", None);
+    let _telemetry = match trace.endpoint.is_some().then(|| nsm_trace::init(&trace)) {
+        Some(Err(e)) => {
+            eprintln!("nsmctl: {e}");
+            return ExitCode::from(2);
+        }
+        Some(Ok(t)) => Some(t),
+        None => None,
     };
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
