@@ -1071,6 +1071,242 @@ pub fn model(
     m
 }
 
+// ------------------------------------------------------------ merge, top
+
+/// The connections several managers report, merged into one list: a
+/// connection that crosses nodes is reported by every manager on its path,
+/// each under its own id; they are one connection, keyed by the id of its
+/// first path segment (the client's node), and the client node's view (the
+/// one whose id is that key) is kept when present, else the first seen.
+/// Sorted by id.
+pub fn merge_connections(sets: &[Vec<Connection>]) -> Vec<Connection> {
+    let key = |c: &Connection| {
+        segments(c)
+            .first()
+            .map_or_else(|| c.id.clone(), |s| s.id.clone())
+    };
+    let mut by_key: BTreeMap<String, Connection> = BTreeMap::new();
+    for c in sets.iter().flatten() {
+        let k = key(c);
+        match by_key.get(&k) {
+            Some(have) if have.id == k || c.id != k => {}
+            _ => {
+                by_key.insert(k, c.clone());
+            }
+        }
+    }
+    let mut out: Vec<Connection> = by_key.into_values().collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// Registry entries from several managers, deduplicated by name (the first
+/// seen wins), in first-seen order.
+pub fn merge_by_name<T: Clone>(sets: &[Vec<T>], name: impl Fn(&T) -> &str) -> Vec<T> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for x in sets.iter().flatten() {
+        if seen.insert(name(x).to_string()) {
+            out.push(x.clone());
+        }
+    }
+    out
+}
+
+/// One cross-connect's rates between two samples of its forwarder's `List`
+/// (`nsmctl top`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rate {
+    /// The forwarder's name.
+    pub forwarder: String,
+    /// The cross-connect's id.
+    pub id: String,
+    /// Its state in the later sample.
+    pub state: String,
+    /// Received packets per second.
+    pub rx_pps: f64,
+    /// Transmitted packets per second.
+    pub tx_pps: f64,
+    /// Received bits per second.
+    pub rx_bps: f64,
+    /// Transmitted bits per second.
+    pub tx_bps: f64,
+    /// Drops per second (all reasons).
+    pub drops_ps: f64,
+    /// Drops per second by reason (only reasons that grew).
+    pub drops_by_reason: BTreeMap<String, f64>,
+    /// Not in the earlier sample (its rates are 0 until the next one).
+    pub new: bool,
+}
+
+impl Rate {
+    /// rx + tx bits per second (the sort key of `top`).
+    pub fn total_bps(&self) -> f64 {
+        self.rx_bps + self.tx_bps
+    }
+}
+
+/// How much a counter grew; a counter that went back (the cross-connect
+/// was re-programmed and its counters restarted) grew by its new value.
+fn grew(before: u64, after: u64) -> u64 {
+    if after >= before {
+        after - before
+    } else {
+        after
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn per_sec(n: u64, secs: f64) -> f64 {
+    n as f64 / secs
+}
+
+/// The rates of every cross-connect in `cur`, from the counter deltas since
+/// `prev` over `elapsed` (the time between the two samples, passed in).
+/// Cross-connects are matched by forwarder socket and id; one absent from
+/// `prev` is `new`, with rates 0. Sorted by total bits/s, highest first,
+/// then by forwarder and id. A zero `elapsed` gives rates 0.
+pub fn rates(prev: &[ForwarderView], cur: &[ForwarderView], elapsed: Duration) -> Vec<Rate> {
+    let secs = elapsed.as_secs_f64();
+    let before: HashMap<(&Path, &str), fwd::Counters> = prev
+        .iter()
+        .flat_map(|v| {
+            v.cross_connects.iter().map(move |x| {
+                (
+                    (v.socket.as_path(), x.id.as_str()),
+                    x.counters.clone().unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for v in cur {
+        for x in &v.cross_connects {
+            let c = x.counters.clone().unwrap_or_default();
+            let mut r = Rate {
+                forwarder: v.info.name.clone(),
+                id: x.id.clone(),
+                state: state_name(x).into(),
+                ..Default::default()
+            };
+            match before.get(&(v.socket.as_path(), x.id.as_str())) {
+                None => r.new = true,
+                Some(_) if secs <= 0.0 => {}
+                Some(b) => {
+                    r.rx_pps = per_sec(grew(b.rx_packets, c.rx_packets), secs);
+                    r.tx_pps = per_sec(grew(b.tx_packets, c.tx_packets), secs);
+                    r.rx_bps = per_sec(grew(b.rx_bytes, c.rx_bytes).saturating_mul(8), secs);
+                    r.tx_bps = per_sec(grew(b.tx_bytes, c.tx_bytes).saturating_mul(8), secs);
+                    r.drops_ps = per_sec(grew(drops_total(b), drops_total(&c)), secs);
+                    for (reason, n) in &c.drops {
+                        let d = grew(b.drops.get(reason).copied().unwrap_or(0), *n);
+                        if d > 0 {
+                            r.drops_by_reason.insert(reason.clone(), per_sec(d, secs));
+                        }
+                    }
+                }
+            }
+            out.push(r);
+        }
+    }
+    out.sort_by(|a, b| {
+        b.total_bps()
+            .total_cmp(&a.total_bps())
+            .then_with(|| a.forwarder.cmp(&b.forwarder))
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    out
+}
+
+/// `r` per second with an SI prefix: `0`, `950`, `12.3k`, `4.56M`, `1.20G`.
+pub fn human_rate(r: f64) -> String {
+    const UNITS: [(f64, &str); 4] = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")];
+    for (scale, unit) in UNITS {
+        if r >= scale {
+            let v = r / scale;
+            return if v >= 100.0 {
+                format!("{v:.0}{unit}")
+            } else if v >= 10.0 {
+                format!("{v:.1}{unit}")
+            } else {
+                format!("{v:.2}{unit}")
+            };
+        }
+    }
+    if r == 0.0 {
+        "0".into()
+    } else if r >= 10.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.1}")
+    }
+}
+
+/// `nsmctl top`: one row per cross-connect, as [`rates`] sorted them.
+pub fn rates_table(rates: &[Rate]) -> Table {
+    let mut t = Table::new(&[
+        "FORWARDER",
+        "CROSS-CONNECT",
+        "STATE",
+        "RX_PKT/S",
+        "RX_BIT/S",
+        "TX_PKT/S",
+        "TX_BIT/S",
+        "DROPS/S",
+    ]);
+    for r in rates {
+        let drops = if r.drops_by_reason.is_empty() {
+            human_rate(r.drops_ps)
+        } else {
+            let by: Vec<String> = r
+                .drops_by_reason
+                .iter()
+                .map(|(k, v)| format!("{k}={}", human_rate(*v)))
+                .collect();
+            format!("{} ({})", human_rate(r.drops_ps), by.join(","))
+        };
+        let cell = |v: f64| {
+            if r.new {
+                "-".to_string()
+            } else {
+                human_rate(v)
+            }
+        };
+        t.rows.push(vec![
+            r.forwarder.clone(),
+            r.id.clone(),
+            r.state.clone(),
+            cell(r.rx_pps),
+            cell(r.rx_bps),
+            cell(r.tx_pps),
+            cell(r.tx_bps),
+            if r.new { "-".into() } else { drops },
+        ]);
+    }
+    t
+}
+
+/// `nsmctl top --json`: one frame as one JSON object.
+pub fn rates_json(rates: &[Rate], elapsed: Duration, now: SystemTime) -> Value {
+    json!({
+        "time": ts_string(now),
+        "interval_s": elapsed.as_secs_f64(),
+        "cross_connects": rates.iter().map(|r| json!({
+            "forwarder": r.forwarder,
+            "id": r.id,
+            "state": r.state,
+            "new": r.new,
+            "rx_pps": r.rx_pps,
+            "tx_pps": r.tx_pps,
+            "rx_bps": r.rx_bps,
+            "tx_bps": r.tx_bps,
+            "total_bps": r.total_bps(),
+            "drops_ps": r.drops_ps,
+            "drops_by_reason": r.drops_by_reason,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1449,5 +1685,123 @@ mod tests {
             Some("2001:db8::1")
         );
         assert_eq!(url_host("unix:///run/x.sock"), None);
+    }
+
+    fn sample(socket: &str, xs: &[(&str, u64, u64, u64)]) -> ForwarderView {
+        // (id, packets, bytes, drops): rx and tx alike, drops as no_session.
+        ForwarderView {
+            socket: PathBuf::from(socket),
+            info: fwd::ForwarderInfo {
+                name: socket.trim_end_matches(".sock").into(),
+                ..Default::default()
+            },
+            cross_connects: xs
+                .iter()
+                .map(|(id, p, b, d)| fwd::CrossConnectStatus {
+                    id: (*id).into(),
+                    state: fwd::cross_connect_status::State::Up as i32,
+                    counters: Some(fwd::Counters {
+                        rx_packets: *p,
+                        rx_bytes: *b,
+                        tx_packets: *p / 2,
+                        tx_bytes: *b / 2,
+                        drops: [("no_session".to_string(), *d)].into_iter().collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn rates_from_counter_deltas() {
+        let prev = [
+            sample("f1.sock", &[("a", 100, 10_000, 1), ("b", 0, 0, 0)]),
+            sample("f2.sock", &[("a", 0, 0, 0)]),
+        ];
+        let cur = [
+            sample(
+                "f1.sock",
+                &[
+                    ("a", 300, 30_000, 5),
+                    ("b", 2000, 1_000_000, 0),
+                    ("c", 9, 9, 9),
+                ],
+            ),
+            // Same id on another forwarder: its own counters.
+            sample("f2.sock", &[("a", 0, 0, 0)]),
+        ];
+        let r = rates(&prev, &cur, Duration::from_secs(2));
+        let ids: Vec<(&str, &str)> = r
+            .iter()
+            .map(|r| (r.forwarder.as_str(), r.id.as_str()))
+            .collect();
+        // Sorted by total bits/s, then forwarder and id.
+        assert_eq!(ids, [("f1", "b"), ("f1", "a"), ("f1", "c"), ("f2", "a")]);
+        let b = &r[0];
+        assert!((b.rx_pps - 1000.0).abs() < 1e-9);
+        assert!((b.tx_pps - 500.0).abs() < 1e-9);
+        assert!((b.rx_bps - 4_000_000.0).abs() < 1e-9);
+        assert!((b.tx_bps - 2_000_000.0).abs() < 1e-9);
+        assert!((b.total_bps() - 6_000_000.0).abs() < 1e-9);
+        assert!(!b.new);
+        let a = &r[1];
+        assert!((a.rx_pps - 100.0).abs() < 1e-9);
+        assert!((a.rx_bps - 80_000.0).abs() < 1e-9);
+        assert!((a.drops_ps - 2.0).abs() < 1e-9);
+        assert_eq!(a.drops_by_reason.get("no_session"), Some(&2.0));
+        assert!(r[2].new);
+        assert_eq!(r[2].total_bps(), 0.0);
+        assert_eq!(r[3].total_bps(), 0.0);
+        assert!(r[3].drops_by_reason.is_empty());
+
+        // A restarted counter grows by its new value.
+        let restarted = rates(
+            &[sample("f.sock", &[("x", 500, 5000, 0)])],
+            &[sample("f.sock", &[("x", 10, 100, 0)])],
+            Duration::from_secs(1),
+        );
+        assert!((restarted[0].rx_pps - 10.0).abs() < 1e-9);
+        // No time passed: no rates, no division by zero.
+        let z = rates(&prev, &cur, Duration::ZERO);
+        assert!(z.iter().all(|r| r.total_bps() == 0.0 && r.drops_ps == 0.0));
+
+        let t = rates_table(&r).render();
+        assert!(t.contains("RX_BIT/S"), "{t}");
+        assert!(t.contains("4.00M"), "{t}");
+        let j = rates_json(&r, Duration::from_secs(2), now());
+        assert_eq!(j["cross_connects"][0]["id"], "b");
+        assert_eq!(j["cross_connects"][0]["rx_bps"], 4_000_000.0);
+        assert_eq!(j["interval_s"], 2.0);
+    }
+
+    #[test]
+    fn human_rates() {
+        assert_eq!(human_rate(0.0), "0");
+        assert_eq!(human_rate(0.5), "0.5");
+        assert_eq!(human_rate(950.0), "950");
+        assert_eq!(human_rate(12_345.0), "12.3k");
+        assert_eq!(human_rate(4_560_000.0), "4.56M");
+        assert_eq!(human_rate(120e9), "120G");
+    }
+
+    #[test]
+    fn merges_managers_views() {
+        // node-1 knows the cross-node connection as "w1", node-2 as "w2".
+        let on1 = conn("w1", Some("w2"));
+        let mut on2 = on1.clone();
+        on2.id = "w2".into();
+        on2.mechanism = None;
+        let local2 = conn("l2", None);
+        let m = merge_connections(&[vec![on2.clone(), local2.clone()], vec![on1.clone()]]);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].id, "l2");
+        // The client node's view wins, whatever the order.
+        assert_eq!(m[1], on1);
+        let m = merge_connections(&[vec![on1.clone()], vec![on2]]);
+        assert_eq!(m, vec![on1]);
+        let names = merge_by_name(&[vec!["a", "b"], vec!["b", "c"]], |s: &&str| s);
+        assert_eq!(names, ["a", "b", "c"]);
     }
 }

@@ -156,6 +156,12 @@ impl Handle {
         for t in &self.background {
             t.abort();
         }
+        // Wait until every aborted task is dropped: they hold the manager,
+        // and with it the store's lock, which a restart in the same process
+        // takes again at once.
+        for t in self.background {
+            let _ = t.await;
+        }
         for s in self.servers {
             // Open watch/monitor streams never end by themselves: give
             // in-flight calls a moment, then cut.

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 use nsm_testbed::lab::{self, Lab, LabError, Options};
 use nsm_testbed::{Topology, demo};
 
@@ -33,6 +33,7 @@ const EXIT_USAGE: u8 = 2;
         nsm-testbed status --json\n  \
         nsm-testbed exec web -- ping -c1 198.18.1.2\n  \
         nsm-testbed policies --lab demo guard.yaml\n  \
+        nsm-testbed graph --lab demo --svg demo.svg --dot demo.dot\n  \
         nsm-testbed down demo\n  \
         nsm-testbed demo\n\n\
         Exit codes: 0 success; 1 failure (see the message); 2 bad topology file or arguments; \
@@ -93,6 +94,22 @@ enum Cmd {
         /// The policy file.
         file: PathBuf,
     },
+    /// Draw a running lab: every node's manager and forwarder read by the
+    /// `nsmctl` binary (`nsmctl graph`, built beside nsm-testbed, in
+    /// $NSM_BIN_DIR or on $PATH) into one picture of its nodes, pods,
+    /// endpoints and connections.
+    #[command(group(ArgGroup::new("out").required(true).multiple(true).args(["svg", "dot"])))]
+    Graph {
+        /// The lab (default: the only lab up).
+        #[arg(long)]
+        lab: Option<String>,
+        /// Write an SVG picture here (`-` for standard output).
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        /// Write a Graphviz DOT graph here (`-` for standard output).
+        #[arg(long, value_name = "FILE")]
+        dot: Option<PathBuf>,
+    },
     /// Check a topology file without building anything.
     Validate {
         /// The topology file (YAML).
@@ -132,6 +149,8 @@ enum CliError {
     Lab(#[from] LabError),
     #[error(transparent)]
     Demo(#[from] demo::DemoError),
+    #[error("{0}")]
+    Graph(String),
 }
 
 impl From<nsm_testbed::TopologyError> for CliError {
@@ -226,6 +245,10 @@ fn run(cmd: Cmd, opts: &Options) -> Result<ExitCode, CliError> {
                 );
             }
         }
+        Cmd::Graph { lab, svg, dot } => {
+            let lab = Lab::find(lab.as_deref(), opts)?;
+            graph(&lab, svg.as_deref(), dot.as_deref())?;
+        }
         Cmd::Demo => {
             remove_on_signal(demo::LAB_NAME)?;
             let mut out = std::io::stdout();
@@ -274,6 +297,51 @@ fn remove_on_signal(lab: &str) -> Result<(), CliError> {
         eprintln!("nsm-testbed: signal: stopping and removing lab {lab}");
         lab::interrupt();
     });
+    Ok(())
+}
+
+/// `graph`: runs `nsmctl graph` with the first node's manager as
+/// `--manager`, every other node's as `--also-manager`, and every node's
+/// forwarder as `--forwarder` (so nsm-testbed does not link nsm-manager).
+fn graph(lab: &Lab, svg: Option<&Path>, dot: Option<&Path>) -> Result<(), CliError> {
+    let Some(nsmctl) = nsm_testbed::sys::find_program("nsmctl") else {
+        return Err(CliError::Graph(
+            "graph: nsmctl not found (beside nsm-testbed, in $NSM_BIN_DIR or on $PATH); \
+             build it with `cargo build -p nsm-manager --bin nsmctl`"
+                .into(),
+        ));
+    };
+    let nodes = &lab.plan().nodes;
+    let Some(first) = nodes.first() else {
+        return Err(CliError::Graph(format!(
+            "graph: lab {} has no nodes",
+            lab.name()
+        )));
+    };
+    let mut cmd = std::process::Command::new(&nsmctl);
+    cmd.arg("--manager").arg(lab.manager_socket(&first.name));
+    for n in nodes {
+        cmd.arg("--forwarder").arg(lab.forwarder_socket(&n.name));
+    }
+    cmd.arg("graph");
+    for n in &nodes[1..] {
+        cmd.arg("--also-manager").arg(lab.manager_socket(&n.name));
+    }
+    if let Some(p) = svg {
+        cmd.arg("--svg").arg(p);
+    }
+    if let Some(p) = dot {
+        cmd.arg("--dot").arg(p);
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| CliError::Graph(format!("graph: run {}: {e}", nsmctl.display())))?;
+    if !status.success() {
+        return Err(CliError::Graph(format!(
+            "graph: {} failed ({status}; its message is above)",
+            nsmctl.display()
+        )));
+    }
     Ok(())
 }
 

@@ -36,7 +36,7 @@ struct Args {
     )]
     manager: PathBuf,
     /// A forwarder's unix socket (repeat for several) for `get forwarders`,
-    /// `describe` and `graph`. Default: /var/lib/networkservicemesh/forwarder.sock
+    /// `describe`, `graph` and `top`. Default: /var/lib/networkservicemesh/forwarder.sock
     /// (the manager's default --forwarder).
     #[arg(long, global = true, value_name = "PATH")]
     forwarder: Vec<PathBuf>,
@@ -99,6 +99,26 @@ enum Cmd {
         /// Write a Graphviz DOT graph here (`-` for standard output).
         #[arg(long, value_name = "FILE")]
         dot: Option<PathBuf>,
+        /// Another manager's unix socket (repeat for several): its
+        /// connections, endpoints and services join the picture (deduplicated
+        /// by connection and name), so one picture shows a whole lab.
+        #[arg(long, value_name = "PATH")]
+        also_manager: Vec<PathBuf>,
+    },
+    /// Live per-cross-connect rates from the forwarders (--forwarder):
+    /// packets/s, bits/s and drops/s from the counter deltas between two
+    /// reads of their List, sorted by total bits/s.
+    Top {
+        /// Time between frames (ms, s, m, h).
+        #[arg(long, default_value = "1s", value_parser = nsm_manager::parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after N frames (the first frame needs two reads, one
+        /// interval apart). Default: until interrupted.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Print one JSON object per frame, one per line, instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -386,15 +406,34 @@ async fn run(args: Args) -> Result<(), Failure> {
                 print!("{}", inspect::describe(c, &views, now));
             }
         }
-        Cmd::Graph { svg, dot } => {
-            let ch = manager(&args.manager).await?;
-            let services = inspect::fetch_services(ch.clone()).await?;
-            let endpoints = inspect::fetch_endpoints(ch.clone()).await?;
-            let conns = inspect::fetch_connections(ch).await?;
+        Cmd::Graph {
+            svg,
+            dot,
+            also_manager,
+        } => {
+            let mut services = Vec::new();
+            let mut endpoints = Vec::new();
+            let mut conns = Vec::new();
+            let sockets: Vec<&PathBuf> = std::iter::once(&args.manager)
+                .chain(also_manager.iter())
+                .collect();
+            for m in &sockets {
+                let ch = manager(m).await?;
+                services.push(inspect::fetch_services(ch.clone()).await?);
+                endpoints.push(inspect::fetch_endpoints(ch.clone()).await?);
+                conns.push(inspect::fetch_connections(ch).await?);
+            }
+            let services = inspect::merge_by_name(&services, |s| s.name.as_str());
+            let endpoints = inspect::merge_by_name(&endpoints, |e| e.name.as_str());
+            let conns = inspect::merge_connections(&conns);
             let views = forwarders(&args.forwarder, false).await?;
             let title = format!(
                 "nsm-rs mesh seen from {} at {}",
-                args.manager.display(),
+                sockets
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 nsm_manager::util::to_ts(now)
             );
             let m = inspect::model(&title, &services, &endpoints, &conns, &views);
@@ -405,6 +444,63 @@ async fn run(args: Args) -> Result<(), Failure> {
                 write_out(&p, "DOT", &nsm_manager::graph::render_dot(&m))?;
             }
         }
+        Cmd::Top {
+            interval,
+            count,
+            json,
+        } => top(&args.forwarder, interval, count, json).await?,
+    }
+    Ok(())
+}
+
+/// `nsmctl top`: reads the forwarders every `interval` and prints the rates
+/// between the last two reads, `count` times (or until interrupted).
+async fn top(
+    paths: &[PathBuf],
+    interval: std::time::Duration,
+    count: Option<u64>,
+    json: bool,
+) -> Result<(), Failure> {
+    use std::io::{IsTerminal, Write};
+    if interval.is_zero() {
+        return Err(Failure::Usage("--interval must be more than 0".into()));
+    }
+    if count == Some(0) {
+        return Err(Failure::Usage("--count must be at least 1".into()));
+    }
+    let (shown, _) = forwarder_paths(paths);
+    let clear = !json && std::io::stdout().is_terminal();
+    let mut prev = forwarders(paths, true).await?;
+    let mut prev_at = std::time::Instant::now();
+    let mut frames = 0u64;
+    while count.is_none_or(|n| frames < n) {
+        tokio::time::sleep(interval.saturating_sub(prev_at.elapsed())).await;
+        let cur = forwarders(paths, true).await?;
+        let cur_at = std::time::Instant::now();
+        let elapsed = cur_at.duration_since(prev_at);
+        let rates = inspect::rates(&prev, &cur, elapsed);
+        let now = SystemTime::now();
+        let mut out = std::io::stdout().lock();
+        let frame = if json {
+            format!("{}\n", inspect::rates_json(&rates, elapsed, now))
+        } else {
+            format!(
+                "{}nsmctl top: {} cross-connects on {} forwarders, over {:.2}s, at {}\n\n{}{}",
+                if clear { "\x1b[2J\x1b[H" } else { "" },
+                rates.len(),
+                shown.len(),
+                elapsed.as_secs_f64(),
+                nsm_manager::util::to_ts(now),
+                inspect::rates_table(&rates).render(),
+                if clear { "" } else { "\n" },
+            )
+        };
+        out.write_all(frame.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(|e| Failure::Failed(format!("stdout: {e}")))?;
+        frames += 1;
+        prev = cur;
+        prev_at = cur_at;
     }
     Ok(())
 }
