@@ -256,7 +256,10 @@ fn nsmctl_shows_connections_forwarders_and_draws_the_mesh() {
         dot.starts_with("digraph mesh {") && dot.contains("\"nse/echo\""),
         "{dot}"
     );
-    if let Some(rsvg) = nsm_testbed::sys::find_program("rsvg-convert") {
+    // The picture must render: rasterized by librsvg (`./dev test` installs it).
+    {
+        let rsvg = nsm_testbed::sys::find_program("rsvg-convert")
+            .expect("rsvg-convert (Debian librsvg2-bin) is installed by ./dev test");
         let png = dir.path().join("mesh.png");
         let st = Command::new(rsvg)
             .arg("-o")
