@@ -1523,6 +1523,11 @@ pub struct ProcessStatus {
 /// A mesh connection in `status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectionStatus {
+    /// Connection id (as the client asked for it).
+    pub id: String,
+    /// The path hop by hop: each segment's name (nodes, endpoints), as the
+    /// client's manager reports it.
+    pub path: Vec<String>,
     /// Client pod.
     pub pod: String,
     /// Interface in the pod.

@@ -186,6 +186,11 @@ pub fn describe(
         .and_then(|c| c.context.as_ref())
         .and_then(|c| c.ip_context.as_ref());
     crate::lab::ConnectionStatus {
+        id: req.id.clone(),
+        path: seen
+            .and_then(|c| c.path.as_ref())
+            .map(|p| p.path_segments.iter().map(|s| s.name.clone()).collect())
+            .unwrap_or_default(),
         pod: req.pod.clone(),
         interface: req.interface.clone(),
         service: req.service.clone(),
