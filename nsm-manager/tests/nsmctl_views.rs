@@ -1,13 +1,14 @@
-//! `nsmctl get|describe|graph` against a real lab: two nodes each running
-//! the real `nsm-forwarder` and `nsm-manager`, real `nsm-endpoint`s, and a
-//! pod whose annotation asks for a cross-node and a same-node connection.
+//! `nsmctl get|describe|top|graph` and `nsm-testbed graph` against a real
+//! lab: two nodes each running the real `nsm-forwarder` and `nsm-manager`,
+//! real `nsm-endpoint`s, and a pod whose annotation asks for a cross-node
+//! and a same-node connection.
 //!
 //! Needs root (namespaces) and the mesh binaries built (`cargo build
 //! --workspace --bins`: the test command does). The lab has a unique name
 //! and is torn down when dropped, also when an assertion fails.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use nsm_testbed::Topology;
 use nsm_testbed::lab::{Lab, Options};
@@ -66,7 +67,7 @@ fn nsmctl(lab: &Lab, args: &[&str]) -> Output {
 fn ok(out: Output) -> String {
     assert!(
         out.status.success(),
-        "nsmctl failed: {}\n{}",
+        "command failed: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
@@ -270,4 +271,125 @@ fn nsmctl_shows_connections_forwarders_and_draws_the_mesh() {
         assert!(st.success() && Path::new(&png).metadata().unwrap().len() > 0);
     }
     lab.down().unwrap();
+}
+
+#[test]
+fn nsmctl_top_rates_and_testbed_graph_of_the_whole_lab() {
+    let (dir, lab) = up();
+    let cross_id = format!("{}-web-nsm-1", lab.name());
+    let local_id = format!("{}-web-nsm-2", lab.name());
+    let forwarders = ["node-1", "node-2"].map(|n| lab.forwarder_socket(n));
+
+    // The endpoint's address on the cross-node connection, to ping.
+    let conns: Value = serde_json::from_str(&ok(Command::new(NSMCTL)
+        .arg("--manager")
+        .arg(lab.manager_socket("node-1"))
+        .args(["get", "connections", "--json"])
+        .output()
+        .unwrap()))
+    .unwrap();
+    let cross = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == cross_id.as_str())
+        .expect("cross-node connection");
+    let dst = cross["dst_ip_addrs"][0]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut ping = lab
+        .command("web", &["ping", "-q", "-i", "0.05", "-c", "100", &dst])
+        .unwrap()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // top --count 2 --json: two frames, one JSON object per line.
+    let mut top = Command::new(NSMCTL);
+    for f in &forwarders {
+        top.arg("--forwarder").arg(f);
+    }
+    let out = ok(top
+        .args(["top", "--count", "2", "--interval", "1s", "--json"])
+        .output()
+        .unwrap());
+    let _ = ping.wait();
+    let frames: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(frames.len(), 2, "{out}");
+    for f in &frames {
+        let i = f["interval_s"].as_f64().unwrap();
+        assert!(i > 0.5 && i < 5.0, "{f:#}");
+        let xs = f["cross_connects"].as_array().unwrap();
+        for id in [&cross_id, &local_id] {
+            assert!(xs.iter().any(|x| x["id"] == id.as_str()), "{id}: {f:#}");
+        }
+        // Sorted by total bits/s, highest first.
+        let totals: Vec<f64> = xs
+            .iter()
+            .map(|x| x["total_bps"].as_f64().unwrap())
+            .collect();
+        assert!(totals.windows(2).all(|w| w[0] >= w[1]), "{totals:?}");
+    }
+    // The ping runs over the cross-node connection: some frame sees it
+    // moving on node-1's forwarder.
+    let moving = frames.iter().any(|f| {
+        f["cross_connects"].as_array().unwrap().iter().any(|x| {
+            x["id"] == cross_id.as_str()
+                && x["rx_pps"].as_f64().unwrap() + x["tx_pps"].as_f64().unwrap() > 0.0
+                && x["rx_bps"].as_f64().unwrap() + x["tx_bps"].as_f64().unwrap() > 0.0
+        })
+    });
+    assert!(moving, "{out}");
+
+    // nsm-testbed graph: one picture of the lab, from both managers.
+    let testbed = nsm_testbed::sys::find_program("nsm-testbed")
+        .expect("nsm-testbed built (cargo build -p nsm-testbed)");
+    let svg_path = dir.path().join("lab.svg");
+    let dot_path = dir.path().join("lab.dot");
+    ok(Command::new(&testbed)
+        .arg("--state-dir")
+        .arg(dir.path())
+        .args(["graph", "--lab", lab.name(), "--svg"])
+        .arg(&svg_path)
+        .arg("--dot")
+        .arg(&dot_path)
+        .output()
+        .unwrap());
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    roxmltree::Document::parse(&svg).expect("well-formed SVG");
+    let dot = std::fs::read_to_string(&dot_path).unwrap();
+    for name in [
+        "node-1",
+        "node-2",
+        "web",
+        "echo",
+        "local",
+        "secure-net",
+        "local-net",
+    ] {
+        assert!(svg.contains(name), "SVG lacks {name}:\n{svg}");
+        assert!(dot.contains(name), "DOT lacks {name}:\n{dot}");
+    }
+    // Both managers' views of the cross-node connection are one connection,
+    // drawn from the client's side: no pod made up from node-2's view.
+    for bogus in ["client-".to_string(), format!("nsmtb_{}_echo", lab.name())] {
+        assert!(!svg.contains(&bogus), "SVG has {bogus}:\n{svg}");
+    }
+
+    // Bad usage: no output given.
+    let st = Command::new(&testbed)
+        .arg("--state-dir")
+        .arg(dir.path())
+        .args(["graph", "--lab", lab.name()])
+        .output()
+        .unwrap();
+    assert_eq!(st.status.code(), Some(2));
 }
