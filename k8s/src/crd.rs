@@ -350,6 +350,43 @@ impl ChainPolicy {
     }
 }
 
+/// An address block of a service pool, claimed by one node's manager
+/// (cluster-wide IPAM, see `nsm_manager::ipam`). The object's name is the
+/// block (`v4-172-31-1-16-28` for 172.31.1.16/28): creating it is the claim,
+/// so two managers can never own the same addresses, whatever service or
+/// pool they allocate for. A manager hands out point-to-point addresses only
+/// inside its own blocks and keeps them (with their leases) across restarts.
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "nsm-rs.io",
+    version = "v1alpha1",
+    kind = "IPAMBlock",
+    plural = "ipamblocks",
+    shortname = "ipblk",
+    namespaced,
+    printcolumn = r#"{"name":"CIDR","type":"string","jsonPath":".spec.cidr"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#
+)]
+pub struct IPAMBlockSpec {
+    /// The block, e.g. `172.31.1.16/28`.
+    pub cidr: String,
+    /// The manager (node name) that owns it.
+    pub node: String,
+    /// The network service whose pool it was cut from.
+    pub service: String,
+}
+
+impl IPAMBlock {
+    /// The object name of block `cidr`: the family, its address and length
+    /// with every `.` and `:` as `-` (`v6-fd00--10-124`): a valid object name
+    /// for any IPv4 or IPv6 block, and one name per block.
+    pub fn name_of(cidr: &ipnet::IpNet) -> String {
+        let family = if cidr.addr().is_ipv4() { "v4" } else { "v6" };
+        format!("{family}-{}-{}", cidr.network(), cidr.prefix_len()).replace(['.', ':'], "-")
+    }
+}
+
 /// Every CRD of nsm-rs, in the order they are applied.
 pub fn all()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
@@ -358,6 +395,7 @@ pub fn all()
         NetworkService::crd(),
         NetworkServiceEndpoint::crd(),
         ChainPolicy::crd(),
+        IPAMBlock::crd(),
     ]
 }
 

@@ -225,6 +225,18 @@ impl ApiServer {
         std::fs::write(self.kubeconfig(), text).map_err(io("kubeconfig"))
     }
 
+    /// The certificate bundle the API server serves (its self-signed
+    /// certificate and the CA that signed it), what a pod's service account
+    /// `ca.crt` holds.
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.dir.path().join("certs").join("apiserver.crt")
+    }
+
+    /// The API server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The API server's URL.
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)

@@ -18,6 +18,15 @@
 //! removing a live registration. A refresh that lands after a delete simply
 //! creates the object again.
 //!
+//! Endpoint objects are owned by whoever registered them, as in the
+//! embedded registry: the object carries its registrant in the annotation
+//! [`OWNER_ANNOTATION`] (a peer's SPIFFE ID, or a local client's uid scoped
+//! by the manager it registered through), and a Register or Unregister by
+//! anyone else is PermissionDenied. A new object is created (POST, which
+//! fails if the name is taken) and an existing one replaced (PUT) on the
+//! condition of the resourceVersion whose owner was checked, so two
+//! registrants racing for one name cannot both win.
+//!
 //! Durable connection state is not here: it stays in the manager's own store.
 
 use std::collections::{HashMap, HashSet};
@@ -25,7 +34,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use nsm_k8s::crd;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
@@ -33,11 +43,14 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::Status;
 
+use crate::authz::Principal;
 use crate::registry::RegistryStore;
 use crate::util::{from_ts, to_ts};
 
 /// The field manager of our server-side applies.
 pub const FIELD_MANAGER: &str = "nsm-manager";
+/// Annotation of an endpoint object naming its registrant.
+pub const OWNER_ANNOTATION: &str = "nsm-rs.io/registered-by";
 /// How long a Find waits for the first list of the API before it answers
 /// from whatever the cache holds.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
@@ -141,9 +154,10 @@ pub struct KubeRegistry {
     services: Api<crd::NetworkService>,
     endpoints: Api<crd::NetworkServiceEndpoint>,
     cache: RegistryStore,
-    /// resourceVersion of each endpoint object as last seen, for the
-    /// conditional delete of the reaper.
-    versions: Mutex<HashMap<String, String>>,
+    /// Each endpoint object as last seen, for conditional writes.
+    seen: Mutex<HashMap<String, Seen>>,
+    /// What scopes a local client's identity cluster-wide: this manager.
+    owner_scope: String,
     /// (services listed, endpoints listed) at least once.
     synced: watch::Sender<(bool, bool)>,
     nse_lifetime: Duration,
@@ -158,6 +172,13 @@ impl fmt::Debug for KubeRegistry {
     }
 }
 
+/// An endpoint object's resourceVersion and registrant, as last seen.
+#[derive(Debug, Clone)]
+struct Seen {
+    version: String,
+    owner: Option<String>,
+}
+
 fn registry_name<K: kube::ResourceExt>(obj: &K, spec_name: &str) -> String {
     if spec_name.is_empty() {
         obj.name_any()
@@ -170,13 +191,16 @@ impl KubeRegistry {
     /// A registry over the objects in `opts.namespace`; call
     /// [`KubeRegistry::spawn_watches`] to fill its cache. Endpoints
     /// registered without `expiration_time` expire after `nse_lifetime`.
-    pub fn new(opts: &ClusterOptions, nse_lifetime: Duration) -> Arc<Self> {
+    /// `owner_scope` names this manager (its SPIFFE ID, or its node name):
+    /// local clients' registrations are owned by `SCOPE#uid:N`.
+    pub fn new(opts: &ClusterOptions, nse_lifetime: Duration, owner_scope: &str) -> Arc<Self> {
         Arc::new(KubeRegistry {
             services: Api::namespaced(opts.client.clone(), &opts.namespace),
             endpoints: Api::namespaced(opts.client.clone(), &opts.namespace),
             cache: RegistryStore::open(None, nse_lifetime)
                 .expect("a memory-only store cannot fail to open"),
-            versions: Mutex::default(),
+            seen: Mutex::default(),
+            owner_scope: owner_scope.to_string(),
             synced: watch::channel((false, false)).0,
             nse_lifetime,
         })
@@ -194,8 +218,43 @@ impl KubeRegistry {
         let _ = tokio::time::timeout(SYNC_WAIT, rx.wait_for(|(a, b)| *a && *b)).await;
     }
 
-    fn versions(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.versions.lock().unwrap_or_else(|p| p.into_inner())
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, Seen>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The owner string of `who` in the cluster: a peer's SPIFFE ID is
+    /// already cluster-wide; anything local is scoped by this manager.
+    pub fn owner_key(&self, who: &Principal) -> String {
+        match who {
+            Principal::Peer { .. } => who.owner_key(),
+            _ => format!("{}#{}", self.owner_scope, who.owner_key()),
+        }
+    }
+
+    /// Refuses `owner` on an object registered by someone else (an object
+    /// without the annotation, e.g. applied by kubectl, is adopted).
+    fn check_owner(name: &str, seen: Option<&Seen>, owner: &str) -> Result<(), Status> {
+        match seen.and_then(|s| s.owner.as_deref()) {
+            Some(o) if o != owner => Err(Status::permission_denied(format!(
+                "endpoint `{name}` is registered by another identity"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The object `name` as the API server has it now (cached on the way).
+    async fn fetch(&self, name: &str) -> Result<Option<Seen>, Status> {
+        match self.endpoints.get_opt(name).await {
+            Ok(Some(o)) => {
+                self.cache_endpoint(&o);
+                Ok(self.seen().get(name).cloned())
+            }
+            Ok(None) => {
+                self.uncache_endpoint(name);
+                Ok(None)
+            }
+            Err(e) => Err(api_status(&format!("endpoint {name}"), &e)),
+        }
     }
 
     fn cache_service(&self, obj: &crd::NetworkService) -> String {
@@ -210,8 +269,9 @@ impl KubeRegistry {
     fn cache_endpoint(&self, obj: &crd::NetworkServiceEndpoint) -> String {
         let nse = obj.to_registry();
         let name = registry_name(obj, &obj.spec.name);
-        if let Some(rv) = obj.metadata.resource_version.clone() {
-            self.versions().insert(name.clone(), rv);
+        if let Some(version) = obj.metadata.resource_version.clone() {
+            let owner = obj.annotations().get(OWNER_ANNOTATION).cloned();
+            self.seen().insert(name.clone(), Seen { version, owner });
         }
         if let Err(e) = self.cache.put_nse(nse) {
             tracing::warn!(endpoint = %name, error = %e, "registry cache");
@@ -224,7 +284,7 @@ impl KubeRegistry {
     }
 
     fn uncache_endpoint(&self, name: &str) {
-        self.versions().remove(name);
+        self.seen().remove(name);
         let _ = self.cache.unregister_nse(name);
     }
 
@@ -321,9 +381,12 @@ impl KubeRegistry {
     ///
     /// # Errors
     /// Empty name, or the API's refusal.
+    /// PermissionDenied when someone else registered the name; Aborted when
+    /// the object changed twice under us.
     pub async fn register_nse(
         &self,
         mut nse: NetworkServiceEndpoint,
+        who: &Principal,
     ) -> Result<NetworkServiceEndpoint, Status> {
         if nse.name.is_empty() {
             return Err(Status::invalid_argument(
@@ -371,32 +434,83 @@ impl KubeRegistry {
                 .await?;
             }
         }
-        let obj = crd::NetworkServiceEndpoint::from_registry(&nse);
-        let applied = self
-            .endpoints
-            .patch(
-                &nse.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&obj),
-            )
-            .await
-            .map_err(|e| api_status(&format!("register endpoint {}", nse.name), &e))?;
-        self.cache_endpoint(&applied);
-        Ok(nse)
+        let owner = self.owner_key(who);
+        let what = format!("register endpoint {}", nse.name);
+        let mut seen = self.seen().get(&nse.name).cloned();
+        // The cache may be stale: on a conflict, look again once.
+        for retry in [true, false] {
+            Self::check_owner(&nse.name, seen.as_ref(), &owner)?;
+            let mut obj = crd::NetworkServiceEndpoint::from_registry(&nse);
+            obj.annotations_mut()
+                .insert(OWNER_ANNOTATION.to_string(), owner.clone());
+            let written = match &seen {
+                None => self.endpoints.create(&PostParams::default(), &obj).await,
+                Some(s) => {
+                    obj.metadata.resource_version = Some(s.version.clone());
+                    self.endpoints
+                        .replace(&nse.name, &PostParams::default(), &obj)
+                        .await
+                }
+            };
+            match written {
+                Ok(o) => {
+                    self.cache_endpoint(&o);
+                    return Ok(nse);
+                }
+                Err(kube::Error::Api(s)) if retry && (s.is_conflict() || s.is_not_found()) => {
+                    seen = self.fetch(&nse.name).await?;
+                }
+                Err(e) => return Err(api_status(&what, &e)),
+            }
+        }
+        Err(Status::aborted(format!(
+            "{what}: the object keeps changing; retry"
+        )))
     }
 
-    /// Unregister of an endpoint (unknown is fine).
+    /// Unregister of an endpoint (unknown is fine), by its registrant only.
     ///
     /// # Errors
-    /// The API's refusal.
-    pub async fn unregister_nse(&self, name: &str) -> Result<(), Status> {
-        match self.endpoints.delete(name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.is_not_found() => {}
-            Err(e) => return Err(api_status(&format!("unregister endpoint {name}"), &e)),
+    /// PermissionDenied for someone else's registration; the API's refusal.
+    pub async fn unregister_nse(&self, name: &str, who: &Principal) -> Result<(), Status> {
+        let owner = self.owner_key(who);
+        let what = format!("unregister endpoint {name}");
+        let cached = self.seen().get(name).cloned();
+        let mut seen = match cached {
+            Some(s) => Some(s),
+            None => self.fetch(name).await?,
+        };
+        for retry in [true, false] {
+            let Some(s) = &seen else {
+                self.uncache_endpoint(name);
+                return Ok(());
+            };
+            Self::check_owner(name, Some(s), &owner)?;
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: Some(s.version.clone()),
+                    uid: None,
+                }),
+                ..Default::default()
+            };
+            match self.endpoints.delete(name, &dp).await {
+                Ok(_) => {
+                    self.uncache_endpoint(name);
+                    return Ok(());
+                }
+                Err(kube::Error::Api(e)) if e.is_not_found() => {
+                    self.uncache_endpoint(name);
+                    return Ok(());
+                }
+                Err(kube::Error::Api(e)) if retry && e.is_conflict() => {
+                    seen = self.fetch(name).await?;
+                }
+                Err(e) => return Err(api_status(&what, &e)),
+            }
         }
-        self.uncache_endpoint(name);
-        Ok(())
+        Err(Status::aborted(format!(
+            "{what}: the object keeps changing; retry"
+        )))
     }
 
     /// Deletes endpoint objects whose registration expired unrefreshed. Safe
@@ -411,7 +525,7 @@ impl KubeRegistry {
             .map(|e| e.name)
             .collect();
         for name in expired {
-            let Some(rv) = self.versions().get(&name).cloned() else {
+            let Some(rv) = self.seen().get(&name).map(|s| s.version.clone()) else {
                 continue;
             };
             let dp = DeleteParams {

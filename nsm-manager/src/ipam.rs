@@ -127,6 +127,23 @@ impl Ipam {
         conn_id: &str,
         exclude: &[IpNet],
     ) -> Result<Vec<Pair>, IpamError> {
+        self.allocate_within(service, conn_id, exclude, None)
+    }
+
+    /// As [`Ipam::allocate`], handing out only addresses inside `blocks`
+    /// (`None`: anywhere in the pools). Cluster mode passes the blocks this
+    /// node owns; [`IpamError::Exhausted`] then names the pool that needs
+    /// another block.
+    ///
+    /// # Errors
+    /// As [`Ipam::allocate`].
+    pub fn allocate_within(
+        &self,
+        service: &str,
+        conn_id: &str,
+        exclude: &[IpNet],
+        blocks: Option<&[IpNet]>,
+    ) -> Result<Vec<Pair>, IpamError> {
         let Some(cfg) = self.pools.get(service) else {
             return Ok(Vec::new());
         };
@@ -148,14 +165,11 @@ impl Ipam {
             let mut pairs = Vec::new();
             for pool in &cfg.cidr {
                 let free = |a: &IpAddr| {
-                    // hosts() keeps an IPv6 pool's subnet-router anycast
-                    // address (the network address); never hand it out.
-                    *a != pool.network()
-                        && !used.contains(a)
+                    !used.contains(a)
                         && !cfg.excluded.iter().any(|x| x.contains(a))
                         && !exclude.iter().any(|x| x.contains(a))
                 };
-                let mut it = pool.hosts().filter(free);
+                let mut it = candidates(pool, blocks).filter(free);
                 match (it.next(), it.next()) {
                     (Some(c), Some(e)) => pairs.push((host(c), host(e))),
                     _ => {
@@ -177,6 +191,22 @@ impl Ipam {
         })
     }
 
+    /// The pools of `service` (empty when it has none).
+    pub fn pools_of(&self, service: &str) -> &[IpNet] {
+        self.pools.get(service).map_or(&[], |c| &c.cidr)
+    }
+
+    /// Whether `block` (inside `pool`) has an address `service` could use,
+    /// ignoring leases: a block that lies wholly in the excluded prefixes is
+    /// not worth claiming.
+    pub fn block_usable(&self, service: &str, pool: &IpNet, block: &IpNet) -> bool {
+        let Some(cfg) = self.pools.get(service) else {
+            return false;
+        };
+        candidates(pool, Some(std::slice::from_ref(block)))
+            .any(|a| !cfg.excluded.iter().any(|x| x.contains(&a)))
+    }
+
     /// Releases the lease of `conn_id` (no-op when unknown).
     ///
     /// # Errors
@@ -190,6 +220,52 @@ impl Ipam {
     pub fn lease_count(&self) -> usize {
         self.leases.all().len()
     }
+}
+
+/// Whether `pool` may hand out `a`: never its network address (IPv6's
+/// subnet-router anycast address) nor an IPv4 pool's broadcast address,
+/// except in the /31 and /32 (/127, /128) pools where every address is a host.
+fn is_host(pool: &IpNet, a: &IpAddr) -> bool {
+    let (len, max) = (pool.prefix_len(), pool.max_prefix_len());
+    if len + 1 >= max {
+        return true;
+    }
+    *a != pool.network() && (a.is_ipv6() || *a != pool.broadcast())
+}
+
+/// Every address of `net`, network and broadcast included.
+fn all_addresses(net: &IpNet) -> ipnet::IpAddrRange {
+    match net {
+        IpNet::V4(n) => ipnet::Ipv4AddrRange::new(n.network(), n.broadcast()).into(),
+        IpNet::V6(n) => ipnet::Ipv6AddrRange::new(n.network(), n.broadcast()).into(),
+    }
+}
+
+/// The host addresses of `pool`, in order, inside `blocks` when given (the
+/// parts of blocks outside the pool are ignored).
+fn candidates<'a>(
+    pool: &'a IpNet,
+    blocks: Option<&'a [IpNet]>,
+) -> Box<dyn Iterator<Item = IpAddr> + 'a> {
+    let ranges: Vec<IpNet> = match blocks {
+        None => vec![*pool],
+        Some(bs) => {
+            let mut v: Vec<IpNet> = bs
+                .iter()
+                .filter(|b| pool.contains(*b) || b.contains(pool))
+                .map(|b| if b.contains(pool) { *pool } else { *b })
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        }
+    };
+    Box::new(
+        ranges
+            .into_iter()
+            .flat_map(|r| all_addresses(&r))
+            .filter(move |a| is_host(pool, a)),
+    )
 }
 
 fn to_pairs(v: &[(IpNet, IpNet)]) -> Vec<Pair> {
@@ -208,6 +284,8 @@ pub enum IpamBackend {
     Local(Arc<Ipam>),
     /// Ask the registry manager over `ManagePrefixes`.
     Remote(Channel),
+    /// Cluster mode: this manager's blocks of the shared pools.
+    Cluster(Arc<crate::cluster_ipam::ClusterIpam>),
 }
 
 fn md_request(
@@ -245,6 +323,7 @@ impl IpamBackend {
     ) -> Result<Vec<Pair>, IpamError> {
         match self {
             IpamBackend::Local(ipam) => ipam.allocate(service, conn_id, exclude),
+            IpamBackend::Cluster(c) => c.allocate(service, conn_id, exclude).await,
             IpamBackend::Remote(ch) => {
                 let req = PrefixRequest {
                     r#type: Type::Allocate as i32,
@@ -290,6 +369,7 @@ impl IpamBackend {
     pub async fn release(&self, service: &str, conn_id: &str) -> Result<(), IpamError> {
         match self {
             IpamBackend::Local(ipam) => ipam.release(conn_id),
+            IpamBackend::Cluster(c) => c.release(conn_id),
             IpamBackend::Remote(ch) => {
                 let req = PrefixRequest {
                     r#type: Type::Delete as i32,
@@ -448,6 +528,32 @@ mod tests {
             .unwrap();
         assert_eq!(a[0].client.to_string(), "10.0.0.6/32");
         assert_eq!(a[0].endpoint.to_string(), "10.0.0.7/32");
+    }
+
+    #[test]
+    fn blocks_confine_allocation() {
+        let ipam = Ipam::open(None, &[svc(&["10.0.0.0/24"], &[])]).unwrap();
+        let none: [IpNet; 0] = [];
+        let e = ipam
+            .allocate_within("s", "c0", &[], Some(&none))
+            .unwrap_err();
+        assert!(
+            matches!(e, IpamError::Exhausted { pool, .. } if pool.to_string() == "10.0.0.0/24")
+        );
+        // The pool's network address is never a host, even at a block's start.
+        let first: [IpNet; 1] = ["10.0.0.0/30".parse().unwrap()];
+        let a = ipam.allocate_within("s", "c1", &[], Some(&first)).unwrap();
+        assert_eq!(a[0].client.to_string(), "10.0.0.1/32");
+        assert_eq!(a[0].endpoint.to_string(), "10.0.0.2/32");
+        // A block's own network and broadcast addresses are hosts of the pool.
+        let mid: [IpNet; 1] = ["10.0.0.16/31".parse().unwrap()];
+        let b = ipam.allocate_within("s", "c2", &[], Some(&mid)).unwrap();
+        assert_eq!(b[0].client.to_string(), "10.0.0.16/32");
+        assert_eq!(b[0].endpoint.to_string(), "10.0.0.17/32");
+        // The pool's broadcast address is not.
+        let last: [IpNet; 1] = ["10.0.0.254/31".parse().unwrap()];
+        assert!(ipam.allocate_within("s", "c3", &[], Some(&last)).is_err());
+        assert!(ipam.block_usable("s", &"10.0.0.0/24".parse().unwrap(), &last[0]));
     }
 
     #[test]

@@ -43,6 +43,7 @@
 
 pub mod authz;
 pub mod cluster;
+pub mod cluster_ipam;
 pub mod config;
 pub mod endpoint;
 pub mod forwarder;

@@ -464,7 +464,7 @@ impl RegistryBackend {
     ) -> Result<NetworkServiceEndpoint, Status> {
         match self {
             RegistryBackend::Local(s) => s.register_nse_as(nse, who),
-            RegistryBackend::Kube(k) => k.register_nse(nse).await,
+            RegistryBackend::Kube(k) => k.register_nse(nse, who).await,
             RegistryBackend::Remote(ch) => {
                 Ok(NetworkServiceEndpointRegistryClient::new(ch.clone())
                     .register(on_behalf(nse, who))
@@ -486,7 +486,7 @@ impl RegistryBackend {
     ) -> Result<(), Status> {
         match self {
             RegistryBackend::Local(s) => s.unregister_nse_as(&nse.name, who),
-            RegistryBackend::Kube(k) => k.unregister_nse(&nse.name).await,
+            RegistryBackend::Kube(k) => k.unregister_nse(&nse.name, who).await,
             RegistryBackend::Remote(ch) => {
                 NetworkServiceEndpointRegistryClient::new(ch.clone())
                     .unregister(on_behalf(nse, who))

@@ -132,7 +132,8 @@ pub struct Handle {
     pub manager: Arc<Manager>,
     /// The local registry, when this manager serves it.
     pub registry: Option<Arc<RegistryStore>>,
-    /// The local allocator, when this manager owns IPAM.
+    /// The local allocator (its lease table), when this manager allocates:
+    /// the registry manager, or every manager in cluster mode.
     pub ipam: Option<Arc<Ipam>>,
     /// The pods of this node, in cluster mode.
     pub pods: Option<Arc<NodePods>>,
@@ -241,20 +242,38 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
             None
         }
     };
-    let (ipam_backend, ipam_local) = match &opts.registry {
-        Some(url) => (
+    // In cluster mode every manager has the pools and allocates in blocks it
+    // claims through the API (crate::cluster_ipam); nobody serves ManagePrefixes.
+    let (ipam_backend, ipam_local, serve_ipam) = match (&opts.registry, &opts.cluster) {
+        (Some(url), _) => (
             IpamBackend::Remote(crate::util::channel_tls(url, tls.as_ref())?),
             None,
+            false,
         ),
-        None => {
+        (None, Some(c)) => {
             let ipam = Arc::new(Ipam::open(dir, &opts.config.services)?);
-            (IpamBackend::Local(ipam.clone()), Some(ipam))
+            let blocks = crate::cluster_ipam::ClusterIpam::open(
+                ipam.clone(),
+                dir,
+                c.client.clone(),
+                &c.namespace,
+                &opts.name,
+            )?;
+            (IpamBackend::Cluster(Arc::new(blocks)), Some(ipam), false)
+        }
+        (None, None) => {
+            let ipam = Arc::new(Ipam::open(dir, &opts.config.services)?);
+            (IpamBackend::Local(ipam.clone()), Some(ipam), true)
         }
     };
     // Registry: the cluster's custom resources, the registry manager, or our store.
     let mut kube_registry = None;
     let (registry, registry_store) = if let Some(cluster) = &opts.cluster {
-        let k = KubeRegistry::new(cluster, opts.max_token_lifetime);
+        let scope = tls.as_ref().map_or_else(
+            || format!("nsm-manager/{}", opts.name),
+            |t| t.identity().id.clone(),
+        );
+        let k = KubeRegistry::new(cluster, opts.max_token_lifetime, &scope);
         for s in &opts.config.services {
             let ns = NsMsg {
                 name: s.name.clone(),
@@ -338,7 +357,7 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
             .add_service(NetworkServiceEndpointRegistryServer::new(
                 NseRegistryServer::new(registry.clone(), rewrite),
             ));
-        if let Some(ipam) = &ipam_local {
+        if let Some(ipam) = ipam_local.as_ref().filter(|_| serve_ipam) {
             r = r.add_service(IpamGrpc::new(IpamServer::new(ipam.clone())));
         }
         if local {

@@ -2,7 +2,10 @@
 //! loopback, `nsm_k8s::testing::ApiServer`): the registry on the custom
 //! resources, endpoint expiry, the manifests of `deploy/` (server-side dry
 //! run with kubectl), and pod annotation reconciliation through the
-//! `nsm.manager.v1.Pods` API, across a manager restart and an API outage.
+//! `nsm.manager.v1.Pods` API, across a manager restart and an API outage;
+//! two managers sharing pools through IPAMBlock objects and respecting each
+//! other's registry entries; and the DaemonSet's manager container run with
+//! the in-cluster config of its service account.
 //!
 //! No kubelet runs: the tests create Pod objects with `spec.nodeName` set and
 //! call Attach themselves, as the CNI plugin would. The data path is a fake
@@ -30,6 +33,7 @@ use nsm_manager::server::{Handle, Options, start};
 use nsm_proto::forwarder::v1::cross_connect_event::Type as EvType;
 use nsm_proto::forwarder::v1::cross_connect_status::State as XState;
 use nsm_proto::forwarder::v1::forwarder_server::{Forwarder, ForwarderServer};
+use nsm_proto::forwarder::v1::side::Kind;
 use nsm_proto::forwarder::v1::{
     CrossConnect, CrossConnectEvent, CrossConnectStatus, ForwarderInfo, InfoRequest, ListRequest,
     ListResponse, RemoveRequest, WatchRequest,
@@ -56,7 +60,8 @@ fn deploy(file: &str) -> PathBuf {
 
 // ---------------------------------------------------------------- fake forwarder
 
-/// Records cross-connects; answers as a forwarder with no WireGuard side.
+/// Records cross-connects; answers as a forwarder whose WireGuard side (a
+/// made-up key per cross-connect) is never used for packets.
 #[derive(Debug, Clone, Default)]
 struct FakeForwarder {
     xcs: Arc<Mutex<HashMap<String, CrossConnect>>>,
@@ -70,10 +75,27 @@ impl FakeForwarder {
     }
 
     fn status(xc: &CrossConnect) -> CrossConnectStatus {
+        let wg = [&xc.source, &xc.destination].iter().any(|s| {
+            matches!(
+                s.as_ref().and_then(|s| s.kind.as_ref()),
+                Some(Kind::Wireguard(_))
+            )
+        });
         CrossConnectStatus {
             id: xc.id.clone(),
             state: XState::Up as i32,
             mtu: 1420,
+            wireguard_public_key: if wg {
+                format!("{:=<44}", &xc.id[..8.min(xc.id.len())])
+            } else {
+                String::new()
+            },
+            wireguard_port: if wg { 51820 } else { 0 },
+            underlay_ip: if wg {
+                "192.0.2.1".into()
+            } else {
+                String::new()
+            },
             ..Default::default()
         }
     }
@@ -232,6 +254,8 @@ const CONFIG: &str = "services:
   cidr: [172.31.1.0/24]
 - name: beta
   cidr: [172.31.2.0/24]
+- name: tiny
+  cidr: [172.31.3.0/29]
 ";
 
 struct Node {
@@ -257,8 +281,18 @@ impl Node {
         client: kube::Client,
         port: u16,
     ) -> Node {
+        Node::start_named(NODE, dir, fwd, client, port).await
+    }
+
+    async fn start_named(
+        name: &str,
+        dir: tempfile::TempDir,
+        fwd: FakeForwarder,
+        client: kube::Client,
+        port: u16,
+    ) -> Node {
         let opts = Options {
-            name: NODE.into(),
+            name: name.into(),
             listen: dir.path().join("nsm.sock"),
             peer_listen: format!("127.0.0.1:{port}").parse().unwrap(),
             advertise_url: None,
@@ -282,9 +316,13 @@ impl Node {
     }
 
     async fn new(client: kube::Client) -> Node {
+        Node::new_named(NODE, client).await
+    }
+
+    async fn new_named(name: &str, client: kube::Client) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let fwd = serve_forwarder(&dir.path().join("fwd.sock"));
-        Node::start(dir, fwd, client, 0).await
+        Node::start_named(name, dir, fwd, client, 0).await
     }
 
     /// Client-side connection ids of the pod attachments.
@@ -528,10 +566,14 @@ async fn registry_is_the_custom_resources_and_manifests_pass_dry_run() {
 }
 
 fn pod(name: &str, annotation: &str) -> Pod {
+    pod_on(NODE, name, annotation)
+}
+
+fn pod_on(node: &str, name: &str, annotation: &str) -> Pod {
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": name, "namespace": "default",
                      "annotations": {"networkservicemesh.io": annotation}},
-        "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "example.invalid/app"}]}
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "example.invalid/app"}]}
     }))
     .unwrap()
 }
@@ -557,10 +599,12 @@ async fn pod_annotations_are_reconciled_across_restart_and_outage() {
     for (verb, what, allowed) in [
         ("watch", "pods", true),
         (
-            "patch",
+            "update",
             "networkserviceendpoints.networkservicemesh.io",
             true,
         ),
+        ("create", "ipamblocks.nsm-rs.io", true),
+        ("delete", "ipamblocks.nsm-rs.io", false),
         ("create", "pods", false),
         ("get", "secrets", false),
     ] {
@@ -792,4 +836,430 @@ async fn chain_policies_come_from_custom_resources() {
         async || node.handle().manager.policies().is_empty(),
     )
     .await;
+}
+
+/// Attaches pod `pod` (already created on `node`'s node) as the CNI plugin would.
+async fn attach(node: &Node, pod: &str) -> Result<Vec<nsm_proto::manager::v1::Attachment>, Status> {
+    let mut api = PodsClient::new(nsm_proto::uds::connect_unix(&node.sock()).await.unwrap());
+    Ok(api
+        .attach(AttachRequest {
+            namespace: "default".into(),
+            pod: pod.into(),
+            container_id: format!("c-{pod}"),
+            netns: "/proc/self/ns/net".into(),
+            network: "mesh".into(),
+            cni_ifname: "eth0".into(),
+            extra_requests: vec![],
+        })
+        .await?
+        .into_inner()
+        .attachments)
+}
+
+/// The client and endpoint addresses a connection was given.
+fn addresses(a: &nsm_proto::manager::v1::Attachment) -> Vec<String> {
+    let ipc = a
+        .connection
+        .as_ref()
+        .and_then(|c| c.context.as_ref())
+        .and_then(|c| c.ip_context.as_ref())
+        .expect("an IP context");
+    ipc.src_ip_addrs
+        .iter()
+        .chain(&ipc.dst_ip_addrs)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managers_of_a_cluster_share_pools_and_respect_each_others_entries() {
+    let server = api_server().await;
+    let admin = server.client().await.unwrap();
+    install(&server, &admin).await;
+    kubectl(
+        &server,
+        &["apply", "-f", deploy("rbac.yaml").to_str().unwrap()],
+    );
+    // Both managers run with the service account's RBAC only.
+    let sa = client_as(&server, Some(SERVICE_ACCOUNT)).await;
+    let a = Node::new_named("node-a", sa.clone()).await;
+    let b = Node::new_named("node-b", sa.clone()).await;
+    let _alpha_a = a.endpoint("alpha-a", "alpha").await;
+    let _alpha_b = b.endpoint("alpha-b", "alpha").await;
+    let _tiny = a.endpoint("tiny-a", "tiny").await;
+
+    // Ten pods per node, one alpha connection each: more than one /28 block
+    // per node, allocated concurrently on both nodes.
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    for (node, n) in [("node-a", 10), ("node-b", 10)] {
+        for i in 0..n {
+            let name = format!("{node}-p{i}");
+            pods.create(
+                &PostParams::default(),
+                &pod_on(node, &name, "kernel://alpha/nsm-1"),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    async fn attach_all(node: &Node, prefix: &str) -> Vec<String> {
+        let mut all = Vec::new();
+        for i in 0..10 {
+            let got = attach(node, &format!("{prefix}-p{i}")).await.unwrap();
+            all.extend(addresses(&got[0]));
+        }
+        all
+    }
+    let (from_a, from_b) = tokio::join!(attach_all(&a, "node-a"), attach_all(&b, "node-b"));
+    assert_eq!(from_a.len(), 20);
+    assert_eq!(from_b.len(), 20);
+    let mut all: Vec<&String> = from_a.iter().chain(&from_b).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        40,
+        "an address was handed out twice: {from_a:?} {from_b:?}"
+    );
+
+    // The blocks are objects a person can list, each with one owner, and
+    // each node's addresses lie in its own blocks.
+    let blocks: Api<crd::IPAMBlock> = Api::namespaced(admin.clone(), NAMESPACE);
+    let listed = blocks.list(&Default::default()).await.unwrap();
+    let owned_by = |node: &str| -> Vec<ipnet::IpNet> {
+        listed
+            .items
+            .iter()
+            .filter(|o| o.spec.node == node)
+            .map(|o| o.spec.cidr.parse().unwrap())
+            .collect()
+    };
+    let (blocks_a, blocks_b) = (owned_by("node-a"), owned_by("node-b"));
+    assert!(blocks_a.len() >= 2 && blocks_b.len() >= 2, "{listed:?}");
+    for (addrs, own) in [(&from_a, &blocks_a), (&from_b, &blocks_b)] {
+        for addr in addrs {
+            let ip: ipnet::IpNet = addr.parse().unwrap();
+            assert!(
+                own.iter().any(|b| b.contains(&ip.addr())),
+                "{addr} outside its node's blocks {own:?}"
+            );
+        }
+    }
+    let out = kubectl(
+        &server,
+        &[
+            "get",
+            "ipamblocks",
+            "-n",
+            NAMESPACE,
+            "-l",
+            "nsm-rs.io/node=node-b",
+        ],
+    );
+    assert!(out.contains("node-b") && !out.contains("node-a"), "{out}");
+
+    // A pool smaller than a block is one block: node-a's first tiny
+    // connection claims it, so node-b's gets ResourceExhausted naming the
+    // service.
+    for (node, name) in [("node-a", "tiny-1"), ("node-b", "tiny-2")] {
+        pods.create(
+            &PostParams::default(),
+            &pod_on(node, name, "kernel://tiny/nsm-t"),
+        )
+        .await
+        .unwrap();
+    }
+    attach(&a, "tiny-1")
+        .await
+        .expect("node-a gets the tiny block");
+    let err = attach(&b, "tiny-2").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("`tiny`"), "{err}");
+
+    // Registry entries belong to whoever registered them, across managers:
+    // an endpoint on node-b can neither take over nor unregister node-a's.
+    let mut reg_b = NetworkServiceEndpointRegistryClient::new(
+        nsm_proto::uds::connect_unix(&b.sock()).await.unwrap(),
+    );
+    let hijack = NetworkServiceEndpoint {
+        name: "alpha-a".into(),
+        network_service_names: vec!["alpha".into()],
+        url: "tcp://192.0.2.66:5001".into(),
+        ..Default::default()
+    };
+    let err = reg_b.register(hijack.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let err = reg_b.unregister(hijack).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let endpoints: Api<crd::NetworkServiceEndpoint> = Api::namespaced(admin.clone(), NAMESPACE);
+    let obj = endpoints
+        .get("alpha-a")
+        .await
+        .expect("node-a's entry stays");
+    assert_eq!(obj.spec.url, a.handle().advertise_url);
+    assert_eq!(
+        obj.metadata.annotations.unwrap()["nsm-rs.io/registered-by"],
+        "nsm-manager/node-a#uid:0"
+    );
+}
+
+/// Kills a child process on drop (the test's "pod").
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The DaemonSet's manager container, run as a kubelet would run it: its
+/// command and args with `$(VAR)` from its env, its volumes as directories
+/// (ConfigMaps written out), and the service account's token, CA and
+/// namespace at /var/run/secrets/kubernetes.io/serviceaccount inside a mount
+/// namespace of its own, with KUBERNETES_SERVICE_HOST/PORT set. It has no
+/// kubeconfig: everything it does, it does with the in-cluster config and
+/// the RBAC of deploy/rbac.yaml. Only the ports differ (free loopback ports
+/// instead of the node's 5001 and 9090).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemonset_manager_runs_with_the_in_cluster_config() {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+
+    let server = api_server().await;
+    let admin = server.client().await.unwrap();
+    install(&server, &admin).await;
+    kubectl(
+        &server,
+        &["apply", "-f", deploy("rbac.yaml").to_str().unwrap()],
+    );
+
+    // deploy/daemonset.yaml: its ConfigMaps and the DaemonSet.
+    let text = std::fs::read_to_string(deploy("daemonset.yaml")).unwrap();
+    let mut config_maps = HashMap::new();
+    let mut ds = None;
+    for doc in text.split("\n---\n") {
+        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("ConfigMap") => {
+                let cm: ConfigMap = serde_json::from_value(v).unwrap();
+                config_maps.insert(cm.metadata.name.clone().unwrap(), cm);
+            }
+            Some("DaemonSet") => ds = Some(serde_json::from_value::<DaemonSet>(v).unwrap()),
+            _ => {}
+        }
+    }
+    let pod_spec = ds.unwrap().spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod_spec.service_account_name.as_deref(),
+        Some("nsm-manager")
+    );
+    let c = pod_spec
+        .containers
+        .iter()
+        .find(|c| c.name == "nsm-manager")
+        .unwrap();
+
+    // Volumes: a directory each; ConfigMaps written out.
+    let root = tempfile::tempdir().unwrap();
+    let mut mounts = Vec::new();
+    for m in c.volume_mounts.as_ref().unwrap() {
+        let dir = root.path().join(&m.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let vol = pod_spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == m.name)
+            .unwrap();
+        if let Some(cm) = &vol.config_map {
+            for (k, v) in config_maps[&cm.name].data.as_ref().unwrap() {
+                std::fs::write(dir.join(k), v).unwrap();
+            }
+        }
+        mounts.push((m.mount_path.clone(), dir));
+    }
+    // $(VAR) substitution from the container's env, as the kubelet does.
+    let env: HashMap<&str, &str> = [
+        ("NODE_NAME", "node-ic"),
+        ("NODE_IP", "127.0.0.1"),
+        ("NSM_NAMESPACE", NAMESPACE),
+    ]
+    .into();
+    for e in c.env.as_ref().unwrap() {
+        assert!(env.contains_key(e.name.as_str()), "unknown env {}", e.name);
+    }
+    let (peer, metrics) = (free_port(), free_port());
+    let args: Vec<String> = c
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let mut a = a.clone();
+            for (k, v) in &env {
+                a = a.replace(&format!("$({k})"), v);
+            }
+            for (path, dir) in &mounts {
+                a = a.replace(path.as_str(), dir.to_str().unwrap());
+            }
+            match a.split_once('=') {
+                Some(("--peer-listen", _)) => format!("--peer-listen=127.0.0.1:{peer}"),
+                Some(("--advertise-url", _)) => format!("--advertise-url=tcp://127.0.0.1:{peer}"),
+                Some(("--metrics-listen", _)) => format!("--metrics-listen=127.0.0.1:{metrics}"),
+                _ => a,
+            }
+        })
+        .collect();
+    assert_eq!(c.command.as_ref().unwrap(), &["/usr/local/bin/nsm-manager"]);
+
+    // The service account's projected token, as the kubelet mounts it.
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), NAMESPACE);
+    let token = sas
+        .create_token_request(
+            "nsm-manager",
+            &PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    audiences: vec!["https://kubernetes.default.svc".into()],
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("a token for the service account")
+        .status
+        .unwrap()
+        .token;
+    let sa_dir = root.path().join("serviceaccount");
+    std::fs::create_dir_all(&sa_dir).unwrap();
+    std::fs::write(sa_dir.join("token"), token).unwrap();
+    std::fs::copy(server.ca_bundle(), sa_dir.join("ca.crt")).unwrap();
+    std::fs::write(sa_dir.join("namespace"), NAMESPACE).unwrap();
+
+    let log = root.path().join("manager.log");
+    let script = "mount -t tmpfs tmpfs /run \
+        && mkdir -p /run/secrets/kubernetes.io/serviceaccount \
+        && mount --bind \"$0\" /run/secrets/kubernetes.io/serviceaccount \
+        && exec \"$@\"";
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(&sa_dir)
+        .arg(env!("CARGO_BIN_EXE_nsm-manager"))
+        .args(&args)
+        .env_remove("NSM_KUBECONFIG")
+        .env_remove("KUBECONFIG")
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", server.port().to_string())
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(root.path().join("manager.err")).unwrap())
+        .spawn()
+        .expect("unshare runs");
+    let mut pod = KillOnDrop(child);
+    let logs = || {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(root.path().join("manager.err")).unwrap_or_default()
+        )
+    };
+
+    // The services of its ConfigMap become objects ...
+    let services: Api<crd::NetworkService> = Api::namespaced(admin.clone(), NAMESPACE);
+    eventually(
+        "secure-net registered",
+        Duration::from_secs(30),
+        async || {
+            assert!(
+                pod.0.try_wait().unwrap().is_none(),
+                "the manager exited: {}",
+                logs()
+            );
+            services.get_opt("secure-net").await.unwrap().is_some()
+        },
+    )
+    .await;
+    // ... an endpoint on its socket becomes an object it owns ...
+    let socket = mounts
+        .iter()
+        .find(|(p, _)| p == "/var/lib/networkservicemesh")
+        .unwrap()
+        .1
+        .join("nsm.io.sock");
+    let mut reg = NetworkServiceEndpointRegistryClient::new(
+        nsm_proto::uds::connect_unix(&socket).await.unwrap(),
+    );
+    reg.register(NetworkServiceEndpoint {
+        name: "gw-1".into(),
+        network_service_names: vec!["secure-net".into()],
+        url: "tcp://192.0.2.7:5005".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("register through the manager: {e}\n{}", logs()));
+    let endpoints: Api<crd::NetworkServiceEndpoint> = Api::namespaced(admin.clone(), NAMESPACE);
+    let obj = endpoints.get("gw-1").await.unwrap();
+    assert_eq!(
+        obj.metadata.annotations.unwrap()["nsm-rs.io/registered-by"],
+        "nsm-manager/node-ic#uid:0"
+    );
+    assert_eq!(obj.spec.url, format!("tcp://127.0.0.1:{peer}"));
+    // ... and its metrics port answers a scrape.
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(
+        body.starts_with("HTTP/1.1 200") || body.starts_with("HTTP/1.0 200"),
+        "{body}"
+    );
+    assert!(body.contains("nsm_manager_"), "{body}");
+
+    // Nothing but the token: a manager whose token is gone cannot start.
+    drop(pod);
+    let status = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs tmpfs /run && exec \"$@\"",
+            "sh",
+        ])
+        .arg(env!("CARGO_BIN_EXE_nsm-manager"))
+        .args(&args)
+        .env_remove("NSM_KUBECONFIG")
+        .env_remove("KUBECONFIG")
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", server.port().to_string())
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(2), "{status:?}");
+    assert!(
+        String::from_utf8_lossy(&status.stderr).contains("Kubernetes client"),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
 }

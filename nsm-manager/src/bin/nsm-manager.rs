@@ -51,6 +51,9 @@ struct Args {
     registry: Option<String>,
     /// YAML file with the network services and their address pools:
     /// `services: [{name, payload: IP|ETHERNET, cidr: [CIDR...], excluded: [CIDR...]}]`.
+    /// In cluster mode give every manager the same file (one ConfigMap): each
+    /// allocates inside address blocks (/28, /124) it claims as IPAMBlock
+    /// objects, so no address is handed out twice in the cluster.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Service-chaining policies (YAML or JSON, `policies: [...]`; the language
