@@ -387,6 +387,37 @@ impl IPAMBlock {
     }
 }
 
+/// One authorization rule of nsm-rs (the rules of the manager's
+/// `authorization:` config section, as objects): which callers may request
+/// which network services. Every manager follows these objects; a request is
+/// allowed when any rule (objects or config) allows it. The keys are the
+/// config's: `services` (names, or `*`), `spiffe_ids` (a trailing `*`
+/// matches a prefix), `uids` (local clients), `labels` (the request must
+/// carry them all).
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "nsm-rs.io",
+    version = "v1alpha1",
+    kind = "ServiceAuthorization",
+    plural = "serviceauthorizations",
+    shortname = "svcauthz",
+    namespaced
+)]
+pub struct ServiceAuthorizationSpec {
+    /// Network service names, or `*` for every service.
+    #[schemars(length(min = 1))]
+    pub services: Vec<String>,
+    /// Callers by SPIFFE ID (peers over mTLS); a trailing `*` is a prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spiffe_ids: Vec<String>,
+    /// Local callers by uid (the manager's unix socket, SO_PEERCRED).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uids: Vec<u32>,
+    /// Labels the request must carry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
 /// Every CRD of nsm-rs, in the order they are applied.
 pub fn all()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
@@ -396,6 +427,7 @@ pub fn all()
         NetworkServiceEndpoint::crd(),
         ChainPolicy::crd(),
         IPAMBlock::crd(),
+        ServiceAuthorization::crd(),
     ]
 }
 

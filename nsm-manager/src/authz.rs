@@ -20,6 +20,14 @@
 //! in the request's connection labels. Everything else is PermissionDenied,
 //! checked before anything is allocated or programmed.
 //!
+//! In cluster mode, `ServiceAuthorization` objects (`nsm-rs.io/v1alpha1`,
+//! one rule each, same keys) add rules: [`follow_cluster`] keeps the
+//! manager's copy in step. Authorization is enforced when the config has the
+//! section or at least one object exists; a request is then allowed when a
+//! rule of either allows it. Deleting the last object opens the services
+//! again unless the config has the section (`authorization: {rules: []}`
+//! makes the objects the only way in).
+//!
 //! Registry ownership: the first registration of an endpoint name records
 //! its [`Principal`]; updates and Unregister from another principal are
 //! PermissionDenied. A peer manager forwards registrations for its local
@@ -159,8 +167,18 @@ impl Rule {
 impl Policy {
     /// Whether `who` may request `service` with `labels`.
     pub fn allows(&self, who: &Principal, service: &str, labels: &HashMap<String, String>) -> bool {
-        matches!(who, Principal::Internal)
-            || self.rules.iter().any(|r| r.allows(who, service, labels))
+        Self::rules_allow(&self.rules, who, service, labels)
+    }
+
+    /// Whether any of `rules` lets `who` request `service` with `labels`
+    /// (the manager itself always may).
+    pub fn rules_allow(
+        rules: &[Rule],
+        who: &Principal,
+        service: &str,
+        labels: &HashMap<String, String>,
+    ) -> bool {
+        matches!(who, Principal::Internal) || rules.iter().any(|r| r.allows(who, service, labels))
     }
 
     /// Parses a policy alone (YAML), for tests and fuzzing.
@@ -197,5 +215,91 @@ mod tests {
         assert!(!p.allows(&peer("spiffe://td/other"), "z", &none));
         assert!(!p.allows(&Principal::Anonymous, "a", &none));
         assert!(Policy::parse("rules:\n- servics: [a]\n").is_err());
+    }
+}
+
+/// The rule a `ServiceAuthorization` object holds.
+///
+/// # Errors
+/// The object names no service.
+pub fn rule_of(obj: &nsm_k8s::crd::ServiceAuthorization) -> Result<Rule, String> {
+    let s = &obj.spec;
+    if s.services.is_empty() || s.services.iter().any(String::is_empty) {
+        return Err("services must name at least one service (or \"*\")".into());
+    }
+    if let Some(bad) = s.spiffe_ids.iter().find(|i| !i.starts_with("spiffe://")) {
+        return Err(format!("spiffe_ids: `{bad}` is not a spiffe:// ID"));
+    }
+    Ok(Rule {
+        services: s.services.clone(),
+        spiffe_ids: s.spiffe_ids.clone(),
+        uids: s.uids.clone(),
+        labels: s.labels.clone().into_iter().collect(),
+    })
+}
+
+/// Follows the ServiceAuthorization objects of `api` forever (until
+/// aborted), handing their rules to `manager` after the first complete list
+/// and on every change. A bad object is logged naming it and allows nothing;
+/// while the API server is away the last rules stay in force.
+pub async fn follow_cluster(
+    manager: std::sync::Arc<crate::manager::Manager>,
+    api: kube::Api<nsm_k8s::crd::ServiceAuthorization>,
+) {
+    use kube::runtime::{WatchStreamExt, watcher};
+    use std::collections::BTreeMap;
+    use tokio_stream::StreamExt;
+
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut rules: BTreeMap<String, Rule> = BTreeMap::new();
+    let mut listing: Option<BTreeMap<String, Rule>> = None;
+    let mut synced = false;
+    // A bad object still counts (as a rule that allows nothing): that it
+    // exists turns enforcement on, so a typo never opens the services.
+    let accept = |o: &nsm_k8s::crd::ServiceAuthorization| -> Option<(String, Rule)> {
+        let name = kube::ResourceExt::name_any(o);
+        match rule_of(o) {
+            Ok(r) => Some((name, r)),
+            Err(e) => {
+                tracing::error!(serviceauthorization = %name, error = %e, "ServiceAuthorization allows nothing");
+                Some((name, Rule::default()))
+            }
+        }
+    };
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => listing = Some(BTreeMap::new()),
+            Ok(watcher::Event::InitApply(o)) => {
+                if let (Some(l), Some((name, r))) = (listing.as_mut(), accept(&o)) {
+                    l.insert(name, r);
+                }
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let Some(l) = listing.take() {
+                    rules = l;
+                }
+                synced = true;
+            }
+            Ok(watcher::Event::Apply(o)) => {
+                let name = kube::ResourceExt::name_any(&o);
+                match accept(&o) {
+                    Some((_, r)) => rules.insert(name, r),
+                    None => rules.remove(&name),
+                };
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                rules.remove(&kube::ResourceExt::name_any(&o));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ServiceAuthorization watch failed; the rules in force stay, retrying");
+                continue;
+            }
+        }
+        if synced {
+            tracing::info!(rules = rules.len(), "ServiceAuthorization objects applied");
+            manager.set_cluster_authorization(rules.values().cloned().collect());
+        }
     }
 }

@@ -312,6 +312,9 @@ pub struct Manager {
     /// The policies of each source (the `--policies` file, the cluster's
     /// ChainPolicy objects); their union is what is in force.
     policy_sources: Mutex<BTreeMap<&'static str, Vec<nsm_policy::Policy>>>,
+    /// Authorization rules from the cluster's ServiceAuthorization objects
+    /// (empty: none), in addition to the config's policy.
+    cluster_rules: RwLock<Arc<Vec<crate::authz::Rule>>>,
     /// Dispatches to a function endpoint in flight: our segment id ->
     /// chain segment (the record is stored only once the endpoint replied,
     /// and its onward request arrives before that).
@@ -502,6 +505,7 @@ impl Manager {
             rr: Mutex::new(HashMap::new()),
             policies: RwLock::new(Arc::default()),
             policy_sources: Mutex::new(BTreeMap::new()),
+            cluster_rules: RwLock::new(Arc::default()),
             pending_hops: Mutex::new(HashMap::new()),
             heal_attempts: Mutex::new(HashMap::new()),
         })
@@ -515,6 +519,24 @@ impl Manager {
     /// All connections held, as their records.
     pub fn records(&self) -> Vec<Record> {
         self.conns.all().into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Replaces the rules of the cluster's ServiceAuthorization objects.
+    /// Authorization is enforced when the config has a policy or this list
+    /// is not empty; a request then needs a rule of either to allow it.
+    pub fn set_cluster_authorization(&self, rules: Vec<crate::authz::Rule>) {
+        *self
+            .cluster_rules
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+    }
+
+    /// The rules of the cluster's ServiceAuthorization objects in force.
+    pub fn cluster_authorization(&self) -> Arc<Vec<crate::authz::Rule>> {
+        self.cluster_rules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The chain policies in force.
@@ -749,8 +771,20 @@ impl Manager {
             )
             .map_err(|e| denied(e.to_string()))?;
         }
-        if let Some(policy) = &self.settings.policy
-            && !policy.allows(who, &conn.network_service, &conn.labels)
+        let cluster = self
+            .cluster_rules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let enforced = self.settings.policy.is_some() || !cluster.is_empty();
+        let (service, labels) = (&conn.network_service, &conn.labels);
+        if enforced
+            && !self
+                .settings
+                .policy
+                .as_ref()
+                .is_some_and(|p| p.allows(who, service, labels))
+            && !crate::authz::Policy::rules_allow(&cluster, who, service, labels)
         {
             return Err(denied(format!(
                 "the authorization policy does not allow {}",

@@ -466,6 +466,12 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
             manager.clone(),
             api,
         )));
+        // Authorization rules as custom resources (ServiceAuthorization).
+        let api = kube::Api::namespaced(c.client.clone(), &c.namespace);
+        background.push(tokio::spawn(crate::authz::follow_cluster(
+            manager.clone(),
+            api,
+        )));
     }
     let spiffe_id = tls.as_ref().map(|t| t.identity().id.clone());
     tracing::info!(name = %opts.name, spiffe_id = spiffe_id.as_deref().unwrap_or("(none: insecure)"), cluster = opts.cluster.as_ref().map(|c| c.namespace.as_str()), listen = %opts.listen.display(), peer = %peer_addr, advertise = %advertise_url,

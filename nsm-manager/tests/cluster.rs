@@ -1263,3 +1263,151 @@ async fn the_daemonset_manager_runs_with_the_in_cluster_config() {
         String::from_utf8_lossy(&status.stderr)
     );
 }
+
+/// A kernel-interface request from this process (uid 0) for `service`.
+fn own_request(
+    service: &str,
+    labels: &[(&str, &str)],
+) -> nsm_proto::networkservice::NetworkServiceRequest {
+    use nsm_proto::mechanisms::kernel;
+    use std::os::unix::fs::MetadataExt;
+    let mut k = kernel::local("nsm-1", Path::new("/proc/self/ns/net"));
+    let m = std::fs::metadata("/proc/self/ns/net").unwrap();
+    k.parameters.insert(
+        kernel::INODE_URL.into(),
+        format!("inode://{}/{}", m.dev(), m.ino()),
+    );
+    nsm_proto::networkservice::NetworkServiceRequest {
+        connection: Some(nsm_proto::connection::Connection {
+            network_service: service.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+        mechanism_preferences: vec![k],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_authorization_objects_decide_who_may_request() {
+    use nsm_proto::networkservice::network_service_client::NetworkServiceClient;
+
+    let server = api_server().await;
+    let admin = server.client().await.unwrap();
+    install(&server, &admin).await;
+    kubectl(
+        &server,
+        &["apply", "-f", deploy("rbac.yaml").to_str().unwrap()],
+    );
+    let node = Node::new(client_as(&server, Some(SERVICE_ACCOUNT)).await).await;
+    let _alpha = node.endpoint("alpha-1", "alpha").await;
+    let mut nsc =
+        NetworkServiceClient::new(nsm_proto::uds::connect_unix(&node.sock()).await.unwrap());
+    let apply = |name: &str, spec: &str| {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            format!(
+                "apiVersion: nsm-rs.io/v1alpha1\nkind: ServiceAuthorization\n\
+                 metadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec: {spec}\n"
+            ),
+        )
+        .unwrap();
+        kubectl(&server, &["apply", "-f", f.path().to_str().unwrap()]);
+    };
+
+    // No rules anywhere: open, as documented.
+    let conn = nsc
+        .request(own_request("alpha", &[]))
+        .await
+        .expect("no authorization configured: allowed")
+        .into_inner();
+    nsc.close(conn).await.unwrap();
+
+    // A rule for someone else (uid 1000): we are now refused, and nothing
+    // is programmed.
+    apply("alpha-for-1000", "{services: [alpha], uids: [1000]}");
+    let before = node.fwd.ids();
+    let mut nsc2 = nsc.clone();
+    eventually(
+        "refused once the object is seen",
+        Duration::from_secs(10),
+        async || match nsc2.request(own_request("alpha", &[])).await {
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+                assert!(e.message().contains("authorization policy"), "{e}");
+                true
+            }
+            Ok(c) => {
+                nsc2.close(c.into_inner()).await.unwrap();
+                false
+            }
+        },
+    )
+    .await;
+    assert_eq!(node.fwd.ids(), before);
+
+    // A rule for uid 0 with app=web: only the labelled request passes.
+    apply(
+        "alpha-web",
+        "{services: [alpha], uids: [0], labels: {app: web}}",
+    );
+    let mut nsc3 = nsc.clone();
+    eventually(
+        "allowed with the label",
+        Duration::from_secs(10),
+        async || match nsc3.request(own_request("alpha", &[("app", "web")])).await {
+            Ok(c) => {
+                nsc3.close(c.into_inner()).await.unwrap();
+                true
+            }
+            Err(_) => false,
+        },
+    )
+    .await;
+    let err = nsc.request(own_request("alpha", &[])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+
+    // A bad object alone still keeps the service closed: it allows nothing,
+    // though it names us (uid 0) beside its typo.
+    apply(
+        "typo",
+        "{services: [alpha], uids: [0], spiffe_ids: [\"spife://td/x\"]}",
+    );
+    kubectl(
+        &server,
+        &[
+            "delete",
+            "-n",
+            NAMESPACE,
+            "serviceauthorization",
+            "alpha-web",
+            "alpha-for-1000",
+        ],
+    );
+    eventually("only the typo left", Duration::from_secs(10), async || {
+        node.handle().manager.cluster_authorization().len() == 1
+    })
+    .await;
+    let err = nsc.request(own_request("alpha", &[])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+
+    // No objects at all: open again.
+    kubectl(
+        &server,
+        &["delete", "-n", NAMESPACE, "serviceauthorization", "typo"],
+    );
+    let mut nsc4 = nsc.clone();
+    eventually("open again", Duration::from_secs(10), async || {
+        match nsc4.request(own_request("alpha", &[])).await {
+            Ok(c) => {
+                nsc4.close(c.into_inner()).await.unwrap();
+                true
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+}
