@@ -190,34 +190,6 @@ impl Policy {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rules() {
-        let p = Policy::parse(
-            "rules:\n- services: [a]\n  uids: [1000]\n- services: ['*']\n  spiffe_ids: ['spiffe://td/nsm-manager/*']\n- services: [b]\n  labels: {app: web}\n",
-        )
-        .unwrap();
-        let none = HashMap::new();
-        let web = HashMap::from([("app".to_string(), "web".to_string())]);
-        let u = |uid| Principal::Local { uid, gid: 0 };
-        assert!(p.allows(&u(1000), "a", &none));
-        assert!(!p.allows(&u(1001), "a", &none));
-        assert!(p.allows(&u(1001), "b", &web));
-        assert!(!p.allows(&u(1001), "b", &none));
-        let peer = |id: &str| Principal::Peer {
-            id: id.into(),
-            on_behalf: None,
-        };
-        assert!(p.allows(&peer("spiffe://td/nsm-manager/n2"), "z", &none));
-        assert!(!p.allows(&peer("spiffe://td/other"), "z", &none));
-        assert!(!p.allows(&Principal::Anonymous, "a", &none));
-        assert!(Policy::parse("rules:\n- servics: [a]\n").is_err());
-    }
-}
-
 /// The rule a `ServiceAuthorization` object holds.
 ///
 /// # Errors
@@ -301,5 +273,33 @@ pub async fn follow_cluster(
             tracing::info!(rules = rules.len(), "ServiceAuthorization objects applied");
             manager.set_cluster_authorization(rules.values().cloned().collect());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules() {
+        let p = Policy::parse(
+            "rules:\n- services: [a]\n  uids: [1000]\n- services: ['*']\n  spiffe_ids: ['spiffe://td/nsm-manager/*']\n- services: [b]\n  labels: {app: web}\n",
+        )
+        .unwrap();
+        let none = HashMap::new();
+        let web = HashMap::from([("app".to_string(), "web".to_string())]);
+        let u = |uid| Principal::Local { uid, gid: 0 };
+        assert!(p.allows(&u(1000), "a", &none));
+        assert!(!p.allows(&u(1001), "a", &none));
+        assert!(p.allows(&u(1001), "b", &web));
+        assert!(!p.allows(&u(1001), "b", &none));
+        let peer = |id: &str| Principal::Peer {
+            id: id.into(),
+            on_behalf: None,
+        };
+        assert!(p.allows(&peer("spiffe://td/nsm-manager/n2"), "z", &none));
+        assert!(!p.allows(&peer("spiffe://td/other"), "z", &none));
+        assert!(!p.allows(&Principal::Anonymous, "a", &none));
+        assert!(Policy::parse("rules:\n- servics: [a]\n").is_err());
     }
 }
