@@ -301,7 +301,7 @@ pub struct Manager {
     ipam: IpamBackend,
     forwarder: Forwarder,
     channels: Channels,
-    events: broadcast::Sender<ConnectionEvent>,
+    events: broadcast::Sender<Event>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Round-robin position per service (one counter per service, so that
     /// the several selections of a chained request spread each service's
@@ -321,6 +321,16 @@ pub struct Manager {
     pending_hops: Mutex<HashMap<String, Dispatch>>,
     /// Last heal attempt per connection id (ms), to pace retries.
     heal_attempts: Mutex<HashMap<String, u64>>,
+}
+
+/// A connection event as the manager broadcasts it: NSM's event, and who
+/// requested the connection (so that monitors see only what they may).
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The event, one connection.
+    pub event: ConnectionEvent,
+    /// [`Record::requester`] of the connection.
+    pub requester: Option<String>,
 }
 
 /// Applies NSM's `updatepath` to `path` for hop `name`: returns the path
@@ -688,10 +698,13 @@ impl Manager {
         m.entry(id.to_string()).or_default().clone()
     }
 
-    fn emit(&self, t: ConnectionEventType, conn: &Connection) {
-        let _ = self.events.send(ConnectionEvent {
-            r#type: t as i32,
-            connections: [(conn.id.clone(), conn.clone())].into(),
+    fn emit(&self, t: ConnectionEventType, conn: &Connection, requester: Option<&String>) {
+        let _ = self.events.send(Event {
+            event: ConnectionEvent {
+                r#type: t as i32,
+                connections: [(conn.id.clone(), conn.clone())].into(),
+            },
+            requester: requester.cloned(),
         });
     }
 
@@ -970,7 +983,11 @@ impl Manager {
             return Err(e.into());
         }
         tracing::info!(id = %id, service = %service, endpoint = %rec.endpoint_name, remote = rec.remote, "connection up");
-        self.emit(ConnectionEventType::Update, &rec.conn.0);
+        self.emit(
+            ConnectionEventType::Update,
+            &rec.conn.0,
+            rec.requester.as_ref(),
+        );
         Ok(Some(rec.conn.0))
     }
 
@@ -1747,7 +1764,7 @@ impl Manager {
         tracing::info!(id = %id, why, "connection removed");
         let mut c = rec.conn.0;
         c.state = State::Down as i32;
-        self.emit(ConnectionEventType::Delete, &c);
+        self.emit(ConnectionEventType::Delete, &c, rec.requester.as_ref());
         Ok(())
     }
 
@@ -1874,7 +1891,11 @@ impl Manager {
                 st.wireguard_public_key.clone(),
             );
             self.conns.put(id, rec.clone())?;
-            self.emit(ConnectionEventType::Update, &rec.conn.0);
+            self.emit(
+                ConnectionEventType::Update,
+                &rec.conn.0,
+                rec.requester.as_ref(),
+            );
         }
         Ok(())
     }
@@ -2005,16 +2026,32 @@ impl Manager {
         svc_ok && seg_ok
     }
 
-    /// A snapshot of the connections in scope and a receiver of later events.
+    /// Whether `who` may see a connection requested by `requester`: the
+    /// manager itself and the node's root see every connection; anyone else
+    /// (a peer manager by its SPIFFE ID, a local client by its uid) only
+    /// those it requested. NSM's previous hop monitoring its next hop is
+    /// therefore always in scope; other workloads' connections never are.
+    pub fn may_monitor(who: &Principal, requester: Option<&String>) -> bool {
+        match who {
+            Principal::Internal | Principal::Local { uid: 0, .. } => true,
+            _ => requester.is_some_and(|r| *r == who.owner_key()),
+        }
+    }
+
+    /// A snapshot of the connections in scope that `who` may see, and a
+    /// receiver of later events (filter them with [`Manager::may_monitor`]
+    /// and [`Manager::in_scope`]).
     pub fn monitor(
         &self,
         sel: &MonitorScopeSelector,
-    ) -> (ConnectionEvent, broadcast::Receiver<ConnectionEvent>) {
+        who: &Principal,
+    ) -> (ConnectionEvent, broadcast::Receiver<Event>) {
         let rx = self.events.subscribe();
         let connections = self
             .conns
             .all()
             .into_iter()
+            .filter(|(_, r)| Self::may_monitor(who, r.requester.as_ref()))
             .map(|(_, r)| r.conn.0)
             .filter(|c| Self::in_scope(sel, c))
             .map(|c| (c.id.clone(), c))
@@ -2032,6 +2069,26 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn monitors_see_what_they_requested() {
+        let peer = Principal::Peer {
+            id: "spiffe://td/nsm-manager/a".into(),
+            on_behalf: None,
+        };
+        let mine = Some("spiffe://td/nsm-manager/a".to_string());
+        let other = Some("uid:1000".to_string());
+        assert!(Manager::may_monitor(&peer, mine.as_ref()));
+        assert!(!Manager::may_monitor(&peer, other.as_ref()));
+        assert!(!Manager::may_monitor(&peer, None));
+        let user = Principal::Local { uid: 1000, gid: 0 };
+        assert!(Manager::may_monitor(&user, other.as_ref()));
+        assert!(!Manager::may_monitor(&user, mine.as_ref()));
+        let root = Principal::Local { uid: 0, gid: 0 };
+        assert!(Manager::may_monitor(&root, None));
+        assert!(Manager::may_monitor(&Principal::Internal, other.as_ref()));
+        assert!(!Manager::may_monitor(&Principal::Anonymous, other.as_ref()));
+    }
 
     #[test]
     fn update_path_new_refresh_and_next_hop() {

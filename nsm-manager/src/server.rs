@@ -544,11 +544,16 @@ impl MonitorConnection for MonitorServer {
         &self,
         r: Request<MonitorScopeSelector>,
     ) -> Result<Response<Self::MonitorConnectionsStream>, Status> {
+        // Scoped to the caller: a peer or a local workload sees only the
+        // connections it requested (see Manager::may_monitor).
+        let who = crate::authz::principal_of(&r);
         let sel = r.into_inner();
-        let (first, rx) = self.manager.monitor(&sel);
+        let (first, rx) = self.manager.monitor(&sel, &who);
         let tail =
             tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| match ev {
-                Ok(mut ev) => {
+                Ok(ev) if !Manager::may_monitor(&who, ev.requester.as_ref()) => None,
+                Ok(ev) => {
+                    let mut ev = ev.event;
                     ev.connections.retain(|_, c| Manager::in_scope(&sel, c));
                     (!ev.connections.is_empty()).then_some(Ok(ev))
                 }

@@ -663,6 +663,80 @@ async fn endpoint_cannot_unregister_or_take_over_anothers_entry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_shows_a_peer_only_the_connections_it_requested() {
+    use nsm_proto::connection::monitor_connection_client::MonitorConnectionClient;
+    use nsm_proto::connection::{ConnectionEventType, MonitorScopeSelector};
+
+    let lab = Lab::new().await;
+    // node-1 asks node-2 for secure-net (echo-2); node-1 also has a local one.
+    let remote = lab
+        .client(0)
+        .await
+        .request(request("secure-net", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let local = lab
+        .client(0)
+        .await
+        .request(request("local-net", &[("app", "web")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let monitor = |ch: Channel| async move {
+        MonitorConnectionClient::new(ch)
+            .monitor_connections(MonitorScopeSelector::default())
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    // Another member of the mesh sees none of node-2's connections ...
+    let stranger = lab.tls_as(&manager_id(3), None);
+    let mut s = monitor(stranger.channel(&lab.peer_addr(1)).unwrap()).await;
+    let first = s.message().await.unwrap().unwrap();
+    assert_eq!(
+        first.r#type,
+        ConnectionEventType::InitialStateTransfer as i32
+    );
+    assert!(first.connections.is_empty(), "{first:?}");
+    // ... while node-1's identity sees the one it requested.
+    let node1 = lab.tls_as(&manager_id(1), None);
+    let mut own = monitor(node1.channel(&lab.peer_addr(1)).unwrap()).await;
+    let first = own.message().await.unwrap().unwrap();
+    assert_eq!(first.connections.len(), 1, "{first:?}");
+    let seen = first.connections.values().next().unwrap();
+    assert_eq!(seen.network_service, "secure-net");
+    // Root on node-1's socket sees all of node-1's.
+    let mut root = monitor(
+        nsm_proto::uds::connect_unix(&lab.nodes[0].sock)
+            .await
+            .unwrap(),
+    )
+    .await;
+    let first = root.message().await.unwrap().unwrap();
+    let ids: std::collections::HashSet<&String> = first.connections.keys().collect();
+    assert!(
+        ids.contains(&remote.id) && ids.contains(&local.id),
+        "{first:?}"
+    );
+    // Later events follow the same rule: the close reaches node-1's stream,
+    // never the stranger's.
+    lab.client(0).await.close(remote).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), own.message())
+        .await
+        .expect("the requester sees the delete")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.r#type, ConnectionEventType::Delete as i32);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), s.message())
+            .await
+            .is_err(),
+        "the stranger saw an event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_private_key_in_logs() {
     let lab = Lab::new().await;
     // Exercise the paths that touch keys: handshakes, signing, a rotation.
