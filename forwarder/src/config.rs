@@ -85,6 +85,18 @@ pub struct Config {
     #[arg(long, env = "NSM_FORWARDER_METRICS_LISTEN", value_name = "IP:PORT")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Directory with this forwarder's identity: cert.pem (SPIFFE X.509 for
+    /// spiffe://TD/nsm-forwarder/NODE, from `nsmctl ca issue`), key.pem and the
+    /// trust bundle ca.pem; re-read when they change (rotation without a
+    /// restart). With it, the API socket speaks mTLS and accepts only clients
+    /// whose certificate is a manager's of the same trust domain
+    /// (spiffe://TD/nsm-manager/...): whoever can open the socket but holds
+    /// no such key cannot program or read the forwarder. The manager then
+    /// needs --forwarder-mtls. Absent: plain gRPC, guarded by the socket's
+    /// permissions.
+    #[arg(long, env = "NSM_FORWARDER_IDENTITY_DIR", value_name = "DIR")]
+    pub identity_dir: Option<PathBuf>,
+
     /// Append one JSON line per finished flow (5-tuple, packets, bytes,
     /// each chain function's verdict, start and end) to this file, created
     /// with mode 0600. Absent: no flow records are kept.

@@ -80,6 +80,9 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// The identity files are unusable.
+    #[error("identity: {0}")]
+    Identity(#[from] nsm_identity::identity::IdentityError),
     /// The metrics listener could not be bound.
     #[error("metrics listener {addr}: {source}")]
     Metrics {
@@ -245,7 +248,21 @@ pub async fn run(
     let svc = service::ForwarderService::new(identity, worker.clone());
     svc.spawn_state_monitor(std::time::Duration::from_secs(1));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, svc.clone())));
-    let incoming =
+    // With an identity the API socket speaks mTLS to managers only.
+    let tls = match &config.identity_dir {
+        Some(dir) => {
+            let source = nsm_identity::identity::IdentitySource::load(
+                nsm_identity::identity::IdentityPaths::in_dir(dir),
+            )?;
+            tracing::info!(spiffe_id = %source.current().id, "forwarder identity loaded; API socket is mTLS");
+            let reloader = source
+                .clone()
+                .spawn_reloader(std::time::Duration::from_secs(1));
+            Some((nsm_identity::tls::Tls::new(source), reloader))
+        }
+        None => None,
+    };
+    let listener =
         nsm_proto::uds::bind_unix(&config.listen).map_err(|source| RunError::Listen {
             path: config.listen.clone(),
             source,
@@ -262,15 +279,32 @@ pub async fn run(
         shutdown.await;
         svc2.begin_shutdown();
     };
-    let served = tonic::transport::Server::builder()
-        // Program and Remove are spans `nsm.forwarder/METHOD`, children of
-        // the manager's call (W3C traceparent in the metadata).
+    // Program and Remove are spans `nsm.forwarder/METHOD`, children of
+    // the manager's call (W3C traceparent in the metadata).
+    let router = tonic::transport::Server::builder()
         .layer(nsm_trace::ServerLayer::new("nsm.forwarder", &config.name))
-        .add_service(ForwarderServer::new(svc.clone()))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(ForwarderServer::new(svc.clone()));
+    let served = match &tls {
+        Some((tls, _)) => {
+            let own = tls.identity().id.clone();
+            let incoming = tls.incoming_unix(listener.into_inner(), move |id| {
+                nsm_identity::tls::is_role_in_domain(&own, id, "nsm-manager")
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(listener, shutdown)
+                .await
+        }
+    };
     if let Some(t) = metrics_task {
         t.abort();
+    }
+    if let Some((_, reloader)) = &tls {
+        reloader.abort();
     }
     tracing::info!("shutting down: removing every cross-connect");
     svc.remove_all().await;

@@ -86,7 +86,11 @@ fn every_daemonset_container_runs_from_the_built_image() {
     // The OCI archive holds the image, for importing into a node's runtime.
     let listing = ok(
         "tar",
-        &Command::new("tar").arg("tf").arg(&archive).output().unwrap(),
+        &Command::new("tar")
+            .arg("tf")
+            .arg(&archive)
+            .output()
+            .unwrap(),
     );
     assert!(listing.lines().any(|l| l == "index.json"), "{listing}");
 
@@ -127,7 +131,11 @@ fn every_daemonset_container_runs_from_the_built_image() {
         let text = ok(&format!("{} --help in the image", c.name), &out);
         assert!(text.contains("Usage"), "{text}");
     }
-    let out = b.run(&image, &["/usr/local/bin/nsmctl".into(), "--help".into()], &[]);
+    let out = b.run(
+        &image,
+        &["/usr/local/bin/nsmctl".into(), "--help".into()],
+        &[],
+    );
     ok("nsmctl --help in the image", &out);
 
     // install-cni, with its volumes: the node's CNI directories (empty
@@ -173,7 +181,10 @@ fn every_daemonset_container_runs_from_the_built_image() {
     for d in ["cni-bin", "cni-conf"] {
         for e in std::fs::read_dir(host(d)).unwrap() {
             let name = e.unwrap().file_name();
-            assert!(!name.to_string_lossy().starts_with('.'), "{name:?} left in {d}");
+            assert!(
+                !name.to_string_lossy().starts_with('.'),
+                "{name:?} left in {d}"
+            );
         }
     }
 }

@@ -47,6 +47,13 @@ pub struct EndpointOptions {
     pub registration_lifetime: Duration,
     /// `inodeURL` to report; `None` = this process's namespace.
     pub inode_url: Option<String>,
+    /// The endpoint's own identity (certificate for
+    /// `spiffe://TD/nsm-endpoint/NAME`, key, trust bundle; reloaded when the
+    /// files change): with it, a Request is accepted only when the caller's
+    /// path segment is signed by a mesh certificate for this endpoint
+    /// ([`crate::token::verify_addressed_to`]). `None`: any caller that can
+    /// reach the socket is trusted (its permissions are the guard).
+    pub identity: Option<crate::identity::IdentityPaths>,
 }
 
 /// Why the endpoint cannot run.
@@ -60,6 +67,9 @@ pub enum EndpointError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The identity files are unusable.
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
     /// Registration through the manager failed.
     #[error("registering `{name}` through the manager at {manager}: {} ({:?})", status.message(), status.code())]
     Register {
@@ -78,6 +88,7 @@ pub struct EndpointService {
     name: String,
     inode_url: String,
     table: Arc<Mutex<HashMap<String, Connection>>>,
+    identity: Option<Arc<crate::identity::IdentitySource>>,
 }
 
 impl EndpointService {
@@ -87,6 +98,34 @@ impl EndpointService {
             name: name.to_string(),
             inode_url: inode_url.to_string(),
             table: Arc::default(),
+            identity: None,
+        }
+    }
+
+    /// The same service, accepting only requests signed for `identity`'s
+    /// SPIFFE ID by a certificate of its trust bundle.
+    pub fn with_identity(mut self, identity: Arc<crate::identity::IdentitySource>) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Refuses a request whose caller's segment is not signed for us (only
+    /// with an identity).
+    fn check_path(&self, conn: &Connection) -> Result<(), Status> {
+        let Some(source) = &self.identity else {
+            return Ok(());
+        };
+        let id = source.current();
+        let path = conn.path.clone().unwrap_or_default();
+        match crate::token::verify_addressed_to(&path, &id.id, &id.roots, SystemTime::now()) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(endpoint = %self.name, error = %e, "request refused");
+                Err(Status::permission_denied(format!(
+                    "endpoint `{}` ({}): {e}",
+                    self.name, id.id
+                )))
+            }
         }
     }
 
@@ -116,6 +155,7 @@ impl NetworkService for EndpointService {
         let mut conn = req
             .connection
             .ok_or_else(|| Status::invalid_argument("request has no connection"))?;
+        self.check_path(&conn)?;
         let pref = req
             .mechanism_preferences
             .iter()
@@ -162,11 +202,15 @@ pub struct EndpointHandle {
     /// The service (for inspecting its table).
     pub service: EndpointService,
     registration: Registration,
+    reloader: Option<JoinHandle<()>>,
 }
 
 impl EndpointHandle {
     /// Unregisters and stops serving.
     pub async fn shutdown(self) {
+        if let Some(r) = &self.reloader {
+            r.abort();
+        }
         self.registration.shutdown().await;
     }
 }
@@ -178,11 +222,28 @@ impl EndpointHandle {
 /// [`EndpointError`].
 pub async fn start_endpoint(opts: EndpointOptions) -> Result<EndpointHandle, EndpointError> {
     let inode_url = opts.inode_url.clone().unwrap_or_else(crate::netns::own_url);
-    let service = EndpointService::new(&opts.name, &inode_url);
-    let registration = serve_and_register(&opts, service.clone()).await?;
+    let mut service = EndpointService::new(&opts.name, &inode_url);
+    let mut reloader = None;
+    if let Some(paths) = &opts.identity {
+        let source = crate::identity::IdentitySource::load(paths.clone())?;
+        tracing::info!(name = %opts.name, spiffe_id = %source.current().id, "endpoint identity loaded");
+        // A rotated certificate is picked up without a restart.
+        reloader = Some(source.clone().spawn_reloader(Duration::from_secs(1)));
+        service = service.with_identity(source);
+    }
+    let registration = match serve_and_register(&opts, service.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(r) = reloader {
+                r.abort();
+            }
+            return Err(e);
+        }
+    };
     Ok(EndpointHandle {
         service,
         registration,
+        reloader,
     })
 }
 

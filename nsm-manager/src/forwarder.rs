@@ -66,6 +66,20 @@ impl Forwarder {
         }
     }
 
+    /// A lazily connected client of a forwarder serving mTLS on `path`
+    /// (`nsm-forwarder --identity-dir`): we present our manager certificate
+    /// and accept only a forwarder of our trust domain
+    /// (`spiffe://TD/nsm-forwarder/...`).
+    pub fn with_tls(path: &Path, tls: &std::sync::Arc<crate::tls::Tls>) -> Forwarder {
+        let own = tls.identity().id.clone();
+        let ch = tls.channel_unix(path, move |id| {
+            crate::tls::is_role_in_domain(&own, id, "nsm-forwarder")
+        });
+        Forwarder {
+            client: ForwarderClient::new(ch),
+        }
+    }
+
     /// Programs (or updates in place) a cross-connect.
     ///
     /// # Errors

@@ -157,14 +157,27 @@ pub struct ForwarderView {
     pub cross_connects: Vec<fwd::CrossConnectStatus>,
 }
 
-/// `Info` and `List` of the forwarder serving on `socket`.
+/// `Info` and `List` of the forwarder serving on `socket`, over mTLS with
+/// `tls` (a manager identity) when the forwarder has an identity of its own.
 ///
 /// # Errors
 /// A call fails (nobody listens there: `Unavailable`) or times out.
-pub async fn fetch_forwarder(socket: &Path) -> Result<ForwarderView, FetchError> {
+pub async fn fetch_forwarder(
+    socket: &Path,
+    tls: Option<&std::sync::Arc<crate::tls::Tls>>,
+) -> Result<ForwarderView, FetchError> {
     let what = format!("forwarder {}", socket.display());
     timed(&what, async {
-        let mut c = ForwarderClient::new(nsm_proto::uds::connect_unix_lazy(socket));
+        let ch = match tls {
+            Some(tls) => {
+                let own = tls.identity().id.clone();
+                tls.channel_unix(socket, move |id| {
+                    crate::tls::is_role_in_domain(&own, id, "nsm-forwarder")
+                })
+            }
+            None => nsm_proto::uds::connect_unix_lazy(socket),
+        };
+        let mut c = ForwarderClient::new(ch);
         let info = c
             .info(fwd::InfoRequest {})
             .await

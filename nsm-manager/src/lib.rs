@@ -49,7 +49,7 @@ pub mod endpoint;
 pub mod forwarder;
 pub mod fuzzing;
 pub mod graph;
-pub mod identity;
+pub use nsm_identity::identity;
 pub mod inspect;
 pub mod ipam;
 pub mod manager;
@@ -61,7 +61,7 @@ pub mod registry;
 pub mod select;
 pub mod server;
 pub mod store;
-pub mod tls;
+pub use nsm_identity::tls;
 pub mod token;
 pub mod util;
 

@@ -213,6 +213,9 @@ pub struct Settings {
     /// mTLS and token signing; `None` = insecure mode (no identity: plain
     /// TCP to peers, unsigned path segments).
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Reach the forwarder over mTLS with `tls` (see
+    /// [`crate::forwarder::Forwarder::with_tls`]).
+    pub forwarder_mtls: bool,
     /// Who may request what; `None` = everyone may request everything.
     pub policy: Option<crate::authz::Policy>,
 }
@@ -503,7 +506,10 @@ impl Manager {
         ipam: IpamBackend,
     ) -> Result<Manager, StoreError> {
         Ok(Manager {
-            forwarder: Forwarder::new(&settings.forwarder),
+            forwarder: match (&settings.tls, settings.forwarder_mtls) {
+                (Some(tls), true) => Forwarder::with_tls(&settings.forwarder, tls),
+                _ => Forwarder::new(&settings.forwarder),
+            },
             channels: Channels::new(settings.tls.clone()),
             settings,
             conns: Table::open(state_dir, "connections")?,
@@ -1109,10 +1115,20 @@ impl Manager {
         let mut c = conn.clone();
         c.network_service_endpoint_name = nse_name.to_string();
         c.mechanism = None;
-        // Local endpoints have no SPIFFE identity here: the audience is the
-        // name they registered (they are reached over our unix socket's
-        // trust, not over the network).
-        self.sign_segment(&mut c, nse_name)?;
+        // The audience is the endpoint's SPIFFE ID by convention
+        // (spiffe://TD/nsm-endpoint/NAME): an endpoint with an identity
+        // checks it; one without is reached over our unix socket's trust.
+        let aud = self.settings.tls.as_ref().map_or_else(
+            || nse_name.to_string(),
+            |t| {
+                let id = t.identity();
+                crate::identity::trust_domain(&id.id).map_or_else(
+                    || nse_name.to_string(),
+                    |td| crate::identity::endpoint_id(td, nse_name),
+                )
+            },
+        );
+        self.sign_segment(&mut c, &aud)?;
         let params = [(kernel::NAME.to_string(), nse_ifname(&conn.id))].into();
         let mut req = tonic::Request::new(NetworkServiceRequest {
             connection: Some(c),

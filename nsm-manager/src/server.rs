@@ -80,6 +80,9 @@ pub struct Security {
     pub identity: Option<IdentityPaths>,
     /// How often the identity files are checked for a rotation.
     pub reload_period: Duration,
+    /// Talk mTLS to the forwarder (it runs with `--identity-dir` and must
+    /// present `spiffe://TD/nsm-forwarder/...`); needs `identity`.
+    pub forwarder_mtls: bool,
 }
 
 impl Default for Security {
@@ -87,6 +90,7 @@ impl Default for Security {
         Security {
             identity: None,
             reload_period: Duration::from_secs(5),
+            forwarder_mtls: false,
         }
     }
 }
@@ -317,6 +321,7 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
         forwarder: opts.forwarder.clone(),
         max_token_lifetime: opts.max_token_lifetime,
         tls: tls.clone(),
+        forwarder_mtls: opts.security.forwarder_mtls,
         policy: opts.config.authorization.clone(),
     };
     let manager = Arc::new(Manager::open(

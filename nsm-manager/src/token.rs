@@ -266,6 +266,62 @@ pub fn verify_with_cert(
     Ok(d.claims)
 }
 
+/// What an endpoint with an identity checks on a Request or Close that its
+/// manager hands it over the endpoint's unix socket: the caller's segment
+/// (`path.index`) carries a token signed by a certificate of our trust
+/// bundle, addressed to us (`aud` = `own_id`), for that segment, unexpired.
+/// A process that can reach the endpoint's socket but holds no mesh key
+/// cannot make it accept (or drop) a connection. Returns the signer's
+/// SPIFFE ID.
+///
+/// # Errors
+/// [`TokenError`]: unsigned, forged, expired, replayed from another segment,
+/// or addressed to someone else.
+pub fn verify_addressed_to(
+    path: &Path,
+    own_id: &str,
+    roots: &rustls::RootCertStore,
+    now: SystemTime,
+) -> Result<String, TokenError> {
+    let index = path.index as usize;
+    let seg = path
+        .path_segments
+        .get(index)
+        .ok_or(TokenError::Unsigned { index })?;
+    if !looks_signed(&seg.token) {
+        return Err(TokenError::Unsigned { index });
+    }
+    let d = decode(index, &seg.token)?;
+    let cert = d.x5c.ok_or(TokenError::Malformed {
+        index,
+        why: "no x5c certificate",
+    })?;
+    crate::tls::verify_chain(roots, &[CertificateDer::from(cert.as_slice())], now).map_err(
+        |e| TokenError::Certificate {
+            index,
+            why: e.to_string(),
+        },
+    )?;
+    let claims = verify_with_cert(index, &seg.token, &cert, now)?;
+    if claims.seg != seg.id {
+        return Err(TokenError::Claim {
+            index,
+            claim: "seg",
+            got: claims.seg,
+            want: seg.id.clone(),
+        });
+    }
+    if claims.aud != own_id {
+        return Err(TokenError::Claim {
+            index,
+            claim: "aud",
+            got: claims.aud,
+            want: own_id.to_string(),
+        });
+    }
+    Ok(claims.sub)
+}
+
 /// Who handed us the path.
 #[derive(Debug, Clone, Copy)]
 pub enum Caller<'a> {
@@ -324,7 +380,10 @@ pub fn verify_path(
                 && let Some(after) = &next_sub
                 && let Ok(before) = decode(i - 1, &segs[i - 1].token)
                 && before.claims.sub == *after
-                && before.claims.aud == seg.name
+                && (before.claims.aud == seg.name
+                    || crate::identity::trust_domain(&before.claims.sub).is_some_and(|td| {
+                        before.claims.aud == crate::identity::endpoint_id(td, &seg.name)
+                    }))
             {
                 next_sub = None;
                 continue;

@@ -348,6 +348,7 @@ impl Node {
             listen: self.dir.path().join(format!("{name}.sock")),
             registration_lifetime: Duration::from_secs(60),
             inode_url: Some(format!("file:///run/netns/{name}")),
+            identity: None,
         })
         .await
         .unwrap()
@@ -529,6 +530,7 @@ async fn registry_is_the_custom_resources_and_manifests_pass_dry_run() {
         listen: node.dir.path().join("refreshed.sock"),
         registration_lifetime: Duration::from_secs(3),
         inode_url: Some("file:///run/netns/refreshed".into()),
+        identity: None,
     })
     .await
     .unwrap();

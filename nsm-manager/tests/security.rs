@@ -234,6 +234,7 @@ impl Lab {
                 security: Security {
                     identity: Some(IdentityPaths::in_dir(&ident)),
                     reload_period: Duration::from_millis(100),
+                    forwarder_mtls: false,
                 },
             })
             .await
@@ -265,6 +266,7 @@ impl Lab {
             listen: self.dir.path().join(format!("{name}.sock")),
             registration_lifetime: Duration::from_secs(60),
             inode_url: Some(format!("file:///run/netns/{name}")),
+            identity: None,
         })
         .await
         .unwrap();

@@ -300,6 +300,7 @@ impl Lab {
             listen: self.dir.path().join(format!("{name}.sock")),
             registration_lifetime: Duration::from_secs(60),
             inode_url: Some(format!("file:///run/netns/{name}")),
+            identity: None,
         })
         .await
         .unwrap();

@@ -160,6 +160,7 @@ fn main() -> ExitCode {
         listen: args.listen,
         registration_lifetime: Duration::from_secs(args.registration_lifetime_secs),
         inode_url: None,
+        identity: None,
     };
     rt.block_on(run(opts, pt, args.stats))
 }

@@ -688,6 +688,10 @@ impl Lab {
         for node in self.plan.nodes.clone() {
             fs::create_dir_all(self.dir.join(&node.name)).map_err(self.io_err(&self.dir))?;
         }
+        // Identities before anything starts: forwarders need theirs too.
+        if found.contains_key("nsm-manager") {
+            self.issue_identities()?;
+        }
         // Forwarders first: a manager programs its forwarder as soon as it starts.
         if let Some(path) = found.get("nsm-forwarder") {
             for node in self.plan.nodes.clone() {
@@ -703,7 +707,6 @@ impl Lab {
         if let Some(path) = found.get("nsm-manager") {
             self.write_manager_config()?;
             self.set_policies(&self.topology.policies.clone())?;
-            self.issue_identities()?;
             for node in self.plan.nodes.clone() {
                 check_interrupt(&self.topology.name)?;
                 self.progress(&format!("{}: starting nsm-manager", node.name));
@@ -854,7 +857,10 @@ impl Lab {
 
     /// Makes the lab's CA and a SPIFFE certificate per node manager (with
     /// `nsmctl`, built with the manager), so that managers talk mTLS and sign
-    /// their path segments. Certificates last a day: labs are short-lived.
+    /// their path segments, and one per `nsm-endpoint`
+    /// (`spiffe://TD/nsm-endpoint/NAME`), so that an endpoint accepts only
+    /// requests its manager signed for it. Certificates last a day: labs are
+    /// short-lived.
     fn issue_identities(&self) -> Result<(), LabError> {
         let Some(nsmctl) = sys::find_program("nsmctl") else {
             self.progress("nsmctl not built: managers run without identities (insecure mode)");
@@ -887,10 +893,98 @@ impl Lab {
             )
             .map_err(self.step(format!("identities: {id}")))?;
         }
+        for node in &self.plan.nodes {
+            let id = format!("spiffe://{TRUST_DOMAIN}/nsm-forwarder/{}", node.name);
+            let out = self
+                .forwarder_identity_dir(&node.name)
+                .display()
+                .to_string();
+            sys::run(
+                &nsmctl,
+                [
+                    "ca", "issue", "--dir", &ca, "--id", &id, "--ttl", "24h", "--out", &out,
+                ],
+            )
+            .map_err(self.step(format!("identities: {id}")))?;
+        }
+        for e in self.topology.endpoints.iter().filter(|e| !e.passthrough) {
+            let id = endpoint_spiffe_id(&e.name);
+            let out = self.endpoint_identity_dir(&e.name).display().to_string();
+            sys::run(
+                &nsmctl,
+                [
+                    "ca", "issue", "--dir", &ca, "--id", &id, "--ttl", "24h", "--out", &out,
+                ],
+            )
+            .map_err(self.step(format!("identities: {id}")))?;
+        }
         Ok(())
     }
 
+    /// A node forwarder's certificate (`spiffe://TD/nsm-forwarder/NODE`), key
+    /// and trust bundle: with it the forwarder's API socket speaks mTLS to
+    /// managers only.
+    pub fn forwarder_identity_dir(&self, node: &str) -> PathBuf {
+        self.dir.join(node).join("forwarder-identity")
+    }
+
+    /// A channel to a node's forwarder API, as its manager opens it: mTLS
+    /// with the node manager's identity when the forwarder has one, plain
+    /// otherwise. Call it inside a tokio runtime.
+    ///
+    /// # Errors
+    /// The manager's identity files are unusable.
+    pub fn forwarder_channel(&self, node: &str) -> Result<tonic::transport::Channel, String> {
+        let socket = self.forwarder_socket(node);
+        if !self.forwarder_identity_dir(node).join("cert.pem").exists() {
+            return Ok(nsm_proto::uds::connect_unix_lazy(&socket));
+        }
+        let source = nsm_identity::identity::IdentitySource::load(
+            nsm_identity::identity::IdentityPaths::in_dir(&self.identity_dir(node)),
+        )
+        .map_err(|e| format!("{node} manager identity: {e}"))?;
+        let tls = nsm_identity::tls::Tls::new(source);
+        let own = tls.identity().id.clone();
+        Ok(tls.channel_unix(&socket, move |id| {
+            nsm_identity::tls::is_role_in_domain(&own, id, "nsm-forwarder")
+        }))
+    }
+
+    /// The cross-connects a node's forwarder reports (its `List`), read as
+    /// its manager reads them ([`Lab::forwarder_channel`]).
+    ///
+    /// # Errors
+    /// The forwarder cannot be reached or refuses the call.
+    pub fn cross_connects(
+        &self,
+        node: &str,
+    ) -> Result<Vec<nsm_proto::forwarder::v1::CrossConnectStatus>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let ch = self.forwarder_channel(node)?;
+            Ok(
+                nsm_proto::forwarder::v1::forwarder_client::ForwarderClient::new(ch)
+                    .list(nsm_proto::forwarder::v1::ListRequest {})
+                    .await
+                    .map_err(|e| format!("{node} forwarder List: {e}"))?
+                    .into_inner()
+                    .cross_connects,
+            )
+        })
+    }
+
+    /// An endpoint's certificate, key and trust bundle (`nsm-endpoint` only;
+    /// chain functions run without one).
+    pub fn endpoint_identity_dir(&self, endpoint: &str) -> PathBuf {
+        self.dir.join(endpoint).join("identity")
+    }
+
     /// A node manager's certificate, key and trust bundle.
+    ///
+    /// (See also [`Lab::endpoint_identity_dir`].)
     pub fn identity_dir(&self, node: &str) -> PathBuf {
         self.dir.join(node).join("identity")
     }
@@ -969,14 +1063,21 @@ impl Lab {
             .iter()
             .find(|n| n.name == node)
             .expect("planned node");
-        vec![
+        let mut args: Vec<String> = vec![
             "--name".into(),
             node.into(),
             "--listen".into(),
             self.forwarder_socket(node).display().to_string(),
             "--underlay-ip".into(),
             plan.underlay_ip.to_string(),
-        ]
+        ];
+        if self.forwarder_identity_dir(node).join("cert.pem").exists() {
+            args.extend([
+                "--identity-dir".into(),
+                self.forwarder_identity_dir(node).display().to_string(),
+            ]);
+        }
+        args
     }
 
     /// `nsm-manager` flags on a node: the first node serves the registry.
@@ -1006,6 +1107,9 @@ impl Lab {
                 "--identity-dir".into(),
                 self.identity_dir(node).display().to_string(),
             ]);
+            if self.forwarder_identity_dir(node).join("cert.pem").exists() {
+                args.push("--forwarder-mtls".into());
+            }
         }
         args.extend([
             "--policies".into(),
@@ -1061,6 +1165,15 @@ impl Lab {
             args.extend([
                 "--stats".into(),
                 self.passthrough_stats_file(&e.name).display().to_string(),
+            ]);
+        } else if self
+            .endpoint_identity_dir(&e.name)
+            .join("cert.pem")
+            .exists()
+        {
+            args.extend([
+                "--identity-dir".into(),
+                self.endpoint_identity_dir(&e.name).display().to_string(),
             ]);
         }
         args
@@ -1542,6 +1655,11 @@ pub struct ConnectionStatus {
     pub dst_ip: String,
     /// UP, DOWN, ...
     pub state: String,
+}
+
+/// The SPIFFE ID of endpoint `name` in a lab (what its manager signs for).
+fn endpoint_spiffe_id(name: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/nsm-endpoint/{name}")
 }
 
 #[cfg(test)]

@@ -323,6 +323,15 @@ fn graph(lab: &Lab, svg: Option<&Path>, dot: Option<&Path>) -> Result<(), CliErr
     for n in nodes {
         cmd.arg("--forwarder").arg(lab.forwarder_socket(&n.name));
     }
+    // Forwarders with identities speak mTLS to managers only: read them as
+    // a node manager (every manager of the lab shares the CA).
+    if lab
+        .forwarder_identity_dir(&first.name)
+        .join("cert.pem")
+        .exists()
+    {
+        cmd.arg("--identity-dir").arg(lab.identity_dir(&first.name));
+    }
     cmd.arg("graph");
     for n in &nodes[1..] {
         cmd.arg("--also-manager").arg(lab.manager_socket(&n.name));

@@ -166,22 +166,7 @@ fn interval_mbps(json: &serde_json::Value) -> Vec<f64> {
 
 /// The forwarder's cross-connects on `node`.
 fn cross_connects(lab: &Lab, node: &str) -> Vec<pb::CrossConnectStatus> {
-    let socket = lab.forwarder_socket(node);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let ch = nsm_proto::uds::connect_unix(&socket)
-            .await
-            .expect("forwarder");
-        pb::forwarder_client::ForwarderClient::new(ch)
-            .list(pb::ListRequest {})
-            .await
-            .expect("List")
-            .into_inner()
-            .cross_connects
-    })
+    lab.cross_connects(node).expect("forwarder List")
 }
 
 /// A counter of the function named `function` on the client's
@@ -279,9 +264,12 @@ fn policy_chain_filters_limits_steers_heals_and_injects_faults() {
         .unwrap();
     let rate = received_mbps(&iperf3_json(out));
     eprintln!("iperf3 through ratelimit 50Mbit burst 64KiB: {rate:.1} Mbit/s");
+    // Never more than the rate (+10% for iperf3's own accounting); below
+    // it only by what a loaded 2-core machine takes from a debug build. A
+    // policer instead of a shaper gives 3-4 Mbit/s here.
     assert!(
-        (45.0..=55.0).contains(&rate),
-        "within 10% of 50 Mbit/s: {rate:.1}"
+        (40.0..=55.0).contains(&rate),
+        "between 80% and 110% of 50 Mbit/s: {rate:.1}"
     );
     let inspectors = ["insp-1", "insp-2"];
     wait_until(

@@ -129,6 +129,8 @@ fn metrics_describe_and_picture_of_the_demo_lab() {
             .arg(lab.manager_socket("node-1"))
             .arg("--forwarder")
             .arg(lab.forwarder_socket("node-1"))
+            .arg("--identity-dir")
+            .arg(lab.identity_dir("node-1"))
             .args(["describe", "connection", id, "--json"])
             .output()
             .unwrap(),

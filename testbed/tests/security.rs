@@ -170,16 +170,7 @@ fn interfaces(lab: &Lab, member: &str) -> BTreeSet<String> {
 
 /// A forwarder's cross-connects (its List, over its unix socket).
 fn cross_connects(lab: &Lab, node: &str) -> Vec<pb::CrossConnectStatus> {
-    let socket = lab.forwarder_socket(node);
-    runtime().block_on(async {
-        let ch = nsm_proto::uds::connect_unix(&socket).await.unwrap();
-        pb::forwarder_client::ForwarderClient::new(ch)
-            .list(pb::ListRequest {})
-            .await
-            .expect("forwarder List")
-            .into_inner()
-            .cross_connects
-    })
+    lab.cross_connects(node).expect("forwarder List")
 }
 
 /// Endpoint names in the lab's registry, asked through `node`'s manager.
@@ -281,6 +272,10 @@ fn pem_key_bodies(lab: &Lab) -> Vec<(String, String)> {
     let mut files = vec![lab.dir().join("ca").join(identity::CA_KEY_FILE)];
     for n in &lab.plan().nodes {
         files.push(lab.identity_dir(&n.name).join(identity::KEY_FILE));
+        files.push(lab.forwarder_identity_dir(&n.name).join(identity::KEY_FILE));
+    }
+    for e in lab.topology().endpoints.iter().filter(|e| !e.passthrough) {
+        files.push(lab.endpoint_identity_dir(&e.name).join(identity::KEY_FILE));
     }
     files
         .into_iter()
@@ -663,6 +658,218 @@ fn tampered_or_expired_tokens_are_denied_and_leave_nothing() {
     assert_eq!(interfaces(&lab, "echo"), echo_before);
     let log = log_of(&lab, "node-2", "nsm-manager");
     assert!(log.contains("request refused"), "{log}");
+}
+
+/// A request straight to an endpoint's socket, bypassing the managers, with
+/// `token` in the caller's segment.
+fn endpoint_request(seg_id: &str, token: String) -> NetworkServiceRequest {
+    NetworkServiceRequest {
+        connection: Some(Connection {
+            id: seg_id.into(),
+            network_service: "secure-net".into(),
+            path: Some(NsmPath {
+                index: 0,
+                path_segments: vec![PathSegment {
+                    name: "rogue".into(),
+                    id: seg_id.into(),
+                    token,
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }),
+        mechanism_preferences: vec![Mechanism {
+            cls: cls::LOCAL.into(),
+            r#type: mechanisms::KERNEL.into(),
+            parameters: [("name".to_string(), "nsm-x".to_string())].into(),
+        }],
+    }
+}
+
+#[test]
+fn an_endpoint_accepts_only_requests_its_manager_signed_for_it() {
+    let name = unique_lab_name("sep");
+    let (_dir, lab) = up(
+        &topology(&name, "", "pods: [{name: web, node: node-1}]\n"),
+        &[],
+    );
+    let keys = pem_key_bodies(&lab);
+    // Through the mesh: node-2's manager signs for echo, which accepts.
+    let conn = request(&lab, "web", "node-1", "nsm-1", "secure-net", &[])
+        .expect("a request through the managers reaches the endpoint");
+    let (_, dst) = addrs(&conn);
+    wait_until("ping over the mesh", Duration::from_secs(10), || {
+        ping(&lab, "web", &dst)
+    });
+
+    // Straight to echo's socket, from a process that is not its manager.
+    let echo_id = format!("spiffe://{TRUST_DOMAIN}/nsm-endpoint/echo");
+    let member = issue(&lab, &manager_id("node-9"), None).identity();
+    let rogue_ca = lab.dir().join("rogue-ca");
+    identity::create_ca(&rogue_ca, TRUST_DOMAIN, Duration::from_secs(600)).unwrap();
+    let rogue = issue(&lab, &manager_id("node-8"), Some(&rogue_ca)).identity();
+    let now = SystemTime::now();
+    let later = now + Duration::from_secs(300);
+    let seg = nsm_manager::util::uuid();
+    let cases = [
+        ("unsigned", String::new()),
+        (
+            "signed for another audience",
+            token::sign(&member, &manager_id("node-2"), &seg, now, later).unwrap(),
+        ),
+        (
+            "signed by a foreign CA",
+            token::sign(&rogue, &echo_id, &seg, now, later).unwrap(),
+        ),
+        (
+            "expired",
+            token::sign(
+                &member,
+                &echo_id,
+                &seg,
+                now - Duration::from_secs(60),
+                now - Duration::from_secs(30),
+            )
+            .unwrap(),
+        ),
+        (
+            "for another segment",
+            token::sign(&member, &echo_id, "another-segment", now, later).unwrap(),
+        ),
+    ];
+    let call = |tok: String| {
+        runtime().block_on(async {
+            let ch = nsm_proto::uds::connect_unix(lab.endpoint_socket("echo"))
+                .await
+                .unwrap();
+            NetworkServiceClient::new(ch)
+                .request(endpoint_request(&seg, tok))
+                .await
+        })
+    };
+    for (what, tok) in cases {
+        let err = call(tok).expect_err(what);
+        assert_eq!(err.code(), Code::PermissionDenied, "{what}: {err:?}");
+    }
+    // A token of the mesh for echo is what it takes: the check is the
+    // token's, not a blanket refusal.
+    let ok = call(token::sign(&member, &echo_id, &seg, now, later).unwrap())
+        .expect("a mesh token for echo is accepted")
+        .into_inner();
+    assert_eq!(ok.network_service_endpoint_name, "echo");
+    let log = log_of(&lab, "echo", "nsm-endpoint");
+    assert!(log.contains("request refused"), "{log}");
+    assert!(ping(&lab, "web", &dst), "the mesh connection is untouched");
+    assert_no_keys_in_logs(&lab, &keys);
+}
+
+/// `List` on a node's forwarder socket over `ch`.
+fn list_on(ch: Channel) -> Result<usize, tonic::Status> {
+    runtime().block_on(async {
+        pb::forwarder_client::ForwarderClient::new(ch)
+            .list(pb::ListRequest {})
+            .await
+            .map(|r| r.into_inner().cross_connects.len())
+    })
+}
+
+#[test]
+fn a_forwarder_answers_only_its_managers_and_rotates_without_a_drop() {
+    let name = unique_lab_name("sfw");
+    let (_dir, lab) = up(
+        &topology(&name, "", "pods: [{name: web, node: node-1}]\n"),
+        &[],
+    );
+    let keys = pem_key_bodies(&lab);
+    // The managers program their forwarders over mTLS: traffic flows.
+    let conn = request(&lab, "web", "node-1", "nsm-1", "secure-net", &[])
+        .expect("a request through managers and forwarders");
+    let (_, dst) = addrs(&conn);
+    wait_until("ping over the mesh", Duration::from_secs(10), || {
+        ping(&lab, "web", &dst)
+    });
+    let socket = lab.forwarder_socket("node-1");
+    // Plain gRPC on the socket: no answer.
+    let plain = runtime().block_on(async { nsm_proto::uds::connect_unix_lazy(&socket) });
+    assert!(list_on(plain).is_err(), "a plain client was answered");
+    // A certificate of the mesh that is not a manager's: refused.
+    let endpoint = issue(
+        &lab,
+        &format!("spiffe://{TRUST_DOMAIN}/nsm-endpoint/intruder"),
+        None,
+    );
+    let ch = runtime().block_on(async { endpoint.channel_unix(&socket, |_| true) });
+    assert!(list_on(ch).is_err(), "an endpoint identity was answered");
+    // A manager of another CA: refused.
+    let rogue_ca = lab.dir().join("rogue-ca");
+    identity::create_ca(&rogue_ca, TRUST_DOMAIN, Duration::from_secs(600)).unwrap();
+    let rogue = issue(&lab, &manager_id("node-1"), Some(&rogue_ca));
+    let ch = runtime().block_on(async { rogue.channel_unix(&socket, |_| true) });
+    assert!(list_on(ch).is_err(), "a foreign CA's manager was answered");
+    // The node's manager identity is answered.
+    assert_eq!(
+        lab.cross_connects("node-1")
+            .expect("manager reads it")
+            .len(),
+        1
+    );
+
+    // Rotation: a new forwarder certificate, as an operator issues it.
+    let nsmctl = sys::find_program("nsmctl").expect("nsmctl built");
+    let before = std::fs::read(
+        lab.forwarder_identity_dir("node-1")
+            .join(identity::CERT_FILE),
+    )
+    .unwrap();
+    sys::run(
+        nsmctl.to_str().unwrap(),
+        [
+            "ca",
+            "issue",
+            "--dir",
+            lab.dir().join("ca").to_str().unwrap(),
+            "--id",
+            &format!("spiffe://{TRUST_DOMAIN}/nsm-forwarder/node-1"),
+            "--ttl",
+            "2h",
+            "--out",
+            lab.forwarder_identity_dir("node-1").to_str().unwrap(),
+        ],
+    )
+    .expect("nsmctl ca issue");
+    assert_ne!(
+        std::fs::read(
+            lab.forwarder_identity_dir("node-1")
+                .join(identity::CERT_FILE)
+        )
+        .unwrap(),
+        before
+    );
+    let (mut sent, mut lost) = (0, 0);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        sent += 1;
+        if !ping(&lab, "web", &dst) {
+            lost += 1;
+        }
+    }
+    assert_eq!(lost, 0, "{lost} of {sent} pings lost across the rotation");
+    // A new handshake, with the new certificate: the manager still programs it.
+    let second = request(&lab, "web", "node-1", "nsm-2", "secure-net", &[])
+        .expect("a connection after the forwarder's rotation");
+    let (_, dst2) = addrs(&second);
+    wait_until(
+        "ping on the new connection",
+        Duration::from_secs(10),
+        || ping(&lab, "web", &dst2),
+    );
+    assert_eq!(lab.cross_connects("node-1").unwrap().len(), 2);
+    let log = log_of(&lab, "node-1", "nsm-forwarder");
+    assert!(
+        log.contains("not allowed") || log.contains("handshake refused"),
+        "{log}"
+    );
+    assert_no_keys_in_logs(&lab, &keys);
 }
 
 #[test]

@@ -39,6 +39,14 @@ struct Args {
     /// $OTEL_SERVICE_NAME or nsm-endpoint@NAME.
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// Directory with this endpoint's identity: cert.pem (SPIFFE X.509 for
+    /// spiffe://TD/nsm-endpoint/NAME, from `nsmctl ca issue`), key.pem and the
+    /// trust bundle ca.pem; re-read when they change. With it, a Request is
+    /// accepted only when its caller's path segment is signed for this
+    /// endpoint by a certificate of the bundle (a mesh manager); anything
+    /// else is PermissionDenied. Without it, whoever reaches --listen is trusted.
+    #[arg(long, value_name = "DIR")]
+    identity_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -73,12 +81,20 @@ fn main() -> ExitCode {
             listen: args.listen,
             registration_lifetime: Duration::from_secs(args.registration_lifetime_secs.max(3)),
             inode_url: None,
+            identity: args
+                .identity_dir
+                .as_deref()
+                .map(nsm_manager::identity::IdentityPaths::in_dir),
         };
         // The manager may come up after us: retry registration for a while.
         let mut tries = 0;
         let handle = loop {
             match start_endpoint(opts.clone()).await {
                 Ok(h) => break h,
+                Err(e @ nsm_manager::endpoint::EndpointError::Identity(_)) => {
+                    eprintln!("nsm-endpoint: {e}");
+                    return ExitCode::from(2);
+                }
                 Err(e) if tries < 30 => {
                     tracing::warn!(error = %e, "not registered yet; retrying");
                     tries += 1;

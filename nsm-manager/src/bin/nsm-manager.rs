@@ -97,6 +97,12 @@ struct Args {
     /// The trust bundle (PEM CA certificates of the trust domain).
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<PathBuf>,
+    /// Talk mTLS to the forwarder: it runs with its own identity
+    /// (`nsm-forwarder --identity-dir`, spiffe://TD/nsm-forwarder/NODE) and
+    /// accepts only managers; we accept only a forwarder of our trust
+    /// domain. Needs --identity-dir (or the --tls-* trio).
+    #[arg(long)]
+    forwarder_mtls: bool,
     /// How often the identity files are checked for rotation (ms, s, m, h).
     #[arg(long, default_value = "5s", value_parser = nsm_manager::parse_duration)]
     identity_reload: std::time::Duration,
@@ -110,6 +116,12 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.forwarder_mtls && args.identity_dir.is_none() && args.tls_cert.is_none() {
+        eprintln!(
+            "nsm-manager: --forwarder-mtls needs an identity (--identity-dir or --tls-cert/--tls-key/--tls-ca)"
+        );
+        return ExitCode::from(2);
+    }
     // Logs on stderr (RUST_LOG, default info; colours only on a terminal),
     // and spans over OTLP when an endpoint is configured.
     let trace =
@@ -199,6 +211,7 @@ fn main() -> ExitCode {
                     _ => None,
                 },
                 reload_period: args.identity_reload,
+                forwarder_mtls: args.forwarder_mtls,
             },
         };
         let metrics = match args.metrics_listen {

@@ -40,6 +40,11 @@ struct Args {
     /// (the manager's default --forwarder).
     #[arg(long, global = true, value_name = "PATH")]
     forwarder: Vec<PathBuf>,
+    /// A manager identity directory (cert.pem, key.pem, ca.pem; e.g. the
+    /// node manager's --identity-dir) to read forwarders that run with an
+    /// identity of their own: their API socket speaks mTLS to managers only.
+    #[arg(long, global = true, value_name = "DIR")]
+    identity_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -235,6 +240,10 @@ async fn manager(path: &Path) -> Result<Channel, Failure> {
     })
 }
 
+/// mTLS for reading forwarders (`--identity-dir`), set once at start.
+static FORWARDER_TLS: std::sync::OnceLock<Option<std::sync::Arc<nsm_manager::tls::Tls>>> =
+    std::sync::OnceLock::new();
+
 /// The forwarders given with --forwarder, or the default one.
 fn forwarder_paths(args: &[PathBuf]) -> (Vec<PathBuf>, bool) {
     if args.is_empty() {
@@ -252,9 +261,10 @@ fn forwarder_paths(args: &[PathBuf]) -> (Vec<PathBuf>, bool) {
 /// when it does not exist).
 async fn forwarders(paths: &[PathBuf], required: bool) -> Result<Vec<ForwarderView>, Failure> {
     let (paths, explicit) = forwarder_paths(paths);
+    let tls = FORWARDER_TLS.get().and_then(Option::as_ref);
     let mut out = Vec::new();
     for p in &paths {
-        match inspect::fetch_forwarder(p).await {
+        match inspect::fetch_forwarder(p, tls).await {
             Ok(v) => out.push(v),
             Err(e) if required => {
                 return Err(Failure::Failed(format!(
@@ -526,6 +536,19 @@ fn main() -> ExitCode {
         Cmd::Ca { cmd } => return exit(ca(cmd).map_err(Failure::Failed)),
         cmd => Args { cmd, ..args },
     };
+    let tls = match &args.identity_dir {
+        Some(dir) => match nsm_manager::identity::IdentitySource::load(
+            nsm_manager::identity::IdentityPaths::in_dir(dir),
+        ) {
+            Ok(source) => Some(nsm_manager::tls::Tls::new(source)),
+            Err(e) => {
+                eprintln!("nsmctl: --identity-dir {}: {e}", dir.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let _ = FORWARDER_TLS.set(tls);
     // With $OTEL_EXPORTER_OTLP_ENDPOINT set, `request` and `close` are the
     // root spans of their traces (`nsm.client/Request`, `nsm.client/Close`),
     // exported as service $OTEL_SERVICE_NAME or nsmctl@local. Unset: no

@@ -103,6 +103,14 @@ pub fn trust_domain(id: &str) -> Option<&str> {
     ok.then_some(td)
 }
 
+/// The SPIFFE ID of endpoint `name` in trust domain `td`:
+/// `spiffe://TD/nsm-endpoint/NAME`. A manager signs its segment for this
+/// audience when it dispatches to a local endpoint, and an endpoint with an
+/// identity (`nsm-endpoint --identity-dir`) holds a certificate for it.
+pub fn endpoint_id(td: &str, name: &str) -> String {
+    format!("spiffe://{td}/nsm-endpoint/{name}")
+}
+
 /// Checks `id` is `spiffe://TD/PATH` with a non-empty path (workload IDs).
 ///
 /// # Errors

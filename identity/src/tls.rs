@@ -1,4 +1,5 @@
-//! mTLS between managers (rustls, TLS 1.3 only, ring).
+//! mTLS between managers (rustls, TLS 1.3 only, ring), and between a
+//! manager and its forwarder on the forwarder's unix socket.
 //!
 //! Both ends present their current SPIFFE certificate and accept a peer only
 //! if its chain ends at the mesh CA of the current trust bundle and its
@@ -14,6 +15,12 @@
 //! On the server side each accepted connection carries a [`PeerInfo`] (the
 //! verified peer SPIFFE ID and certificate), which tonic puts into every
 //! request's extensions; handlers read it with [`peer_of`].
+//!
+//! On a unix socket ([`Tls::incoming_unix`], [`Tls::channel_unix`]) the
+//! same handshake runs, and each side also says which SPIFFE IDs it talks
+//! to: the forwarder accepts only managers (`spiffe://TD/nsm-manager/...`)
+//! and the manager only a forwarder (`spiffe://TD/nsm-forwarder/...`), so a
+//! process that can open the socket but holds no such key gets nothing.
 
 use std::collections::HashMap;
 use std::io;
@@ -31,7 +38,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -246,14 +253,15 @@ pub fn peer_of<T>(r: &tonic::Request<T>) -> Option<&PeerInfo> {
     r.extensions().get::<PeerInfo>()
 }
 
-/// A server-side TLS connection, with its verified peer.
+/// A server-side TLS connection (over TCP, or a unix socket), with its
+/// verified peer.
 #[derive(Debug)]
-pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+pub struct TlsConn<S = TcpStream> {
+    inner: tokio_rustls::server::TlsStream<S>,
     info: PeerInfo,
 }
 
-impl Connected for TlsConn {
+impl<S> Connected for TlsConn<S> {
     type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> PeerInfo {
@@ -261,7 +269,7 @@ impl Connected for TlsConn {
     }
 }
 
-impl AsyncRead for TlsConn {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -271,7 +279,7 @@ impl AsyncRead for TlsConn {
     }
 }
 
-impl AsyncWrite for TlsConn {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsConn<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -366,42 +374,100 @@ impl Tls {
                 // Handshakes run in their own tasks: one slow peer must not
                 // block the others.
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                        .await
-                    {
-                        Ok(Ok(t)) => t,
-                        Ok(Err(e)) => {
-                            tracing::warn!(peer = %remote, error = %e, "mTLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::warn!(peer = %remote, "mTLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let Some(cert) = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| c.clone().into_owned())
-                    else {
+                    let what = remote.to_string();
+                    if let Some((tls, mut info)) = accept(&acceptor, tcp, &what).await {
+                        info.remote = Some(remote);
+                        let _ = tx.send(Ok(TlsConn { inner: tls, info })).await;
+                    }
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
+    /// Accepts connections on the unix socket `listener` and hands tonic the
+    /// ones whose mTLS handshake succeeds with a peer whose SPIFFE ID
+    /// `allow` accepts; the others are logged and dropped.
+    pub fn incoming_unix(
+        self: &Arc<Self>,
+        listener: UnixListener,
+        allow: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn<UnixStream>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.server.clone());
+        let allow = Arc::new(allow);
+        tokio::spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "unix accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx, allow) = (acceptor.clone(), tx.clone(), allow.clone());
+                tokio::spawn(async move {
+                    let Some((tls, info)) = accept(&acceptor, stream, "unix socket").await else {
                         return;
                     };
-                    let Ok(info) = CertInfo::from_der(&cert) else {
+                    if !allow(&info.spiffe_id) {
+                        tracing::warn!(spiffe_id = %info.spiffe_id, "mTLS peer not allowed on this socket");
                         return;
-                    };
-                    let info = PeerInfo {
-                        remote: Some(remote),
-                        spiffe_id: info.spiffe_id.unwrap_or_default(),
-                        cert,
-                    };
-                    tracing::debug!(peer = %remote, spiffe_id = %info.spiffe_id, "mTLS peer");
+                    }
                     let _ = tx.send(Ok(TlsConn { inner: tls, info })).await;
                 });
             }
         });
         tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
+    /// A lazily connected mTLS channel to the unix socket `path`, whose
+    /// server must present a SPIFFE ID that `expect` accepts (connecting to
+    /// anyone else fails with a PermissionDenied I/O error).
+    pub fn channel_unix(
+        self: &Arc<Self>,
+        path: &std::path::Path,
+        expect: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Channel {
+        let this = self.clone();
+        let path = path.to_path_buf();
+        let expect = Arc::new(expect);
+        let connector = tower::service_fn(move |_: Uri| {
+            let (this, path, expect) = (this.clone(), path.clone(), expect.clone());
+            async move {
+                let stream = UnixStream::connect(&path).await?;
+                let connector = tokio_rustls::TlsConnector::from(this.client.clone());
+                let name = ServerName::try_from("nsm-forwarder.invalid").expect("valid DNS name");
+                let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "mTLS handshake timed out")
+                    })??;
+                let id = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| CertInfo::from_der(c).ok())
+                    .and_then(|i| i.spiffe_id)
+                    .unwrap_or_default();
+                if !expect(&id) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "{} presented `{id}`, not the identity expected there",
+                            path.display()
+                        ),
+                    ));
+                }
+                Ok(TokioIo::new(tls))
+            }
+        });
+        // tonic needs a URI; the connector dials the socket and ignores it.
+        Endpoint::from_static("http://unix.invalid")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector_lazy(connector)
     }
 
     /// A lazily connected mTLS channel to `tcp://HOST:PORT` (`addr` =
@@ -471,4 +537,46 @@ impl Tls {
             .cloned()
             .ok_or_else(|| io::Error::other("peer presented no SPIFFE ID"))
     }
+}
+
+/// The server side of one handshake on `stream` (`what` names the peer in
+/// logs): the TLS stream and the verified peer (without an address), or
+/// `None` after logging why not.
+async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: S,
+    what: &str,
+) -> Option<(tokio_rustls::server::TlsStream<S>, PeerInfo)> {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %what, error = %e, "mTLS handshake refused");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(peer = %what, "mTLS handshake timed out");
+            return None;
+        }
+    };
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned())?;
+    let info = CertInfo::from_der(&cert).ok()?;
+    let info = PeerInfo {
+        remote: None,
+        spiffe_id: info.spiffe_id.unwrap_or_default(),
+        cert,
+    };
+    tracing::debug!(peer = %what, spiffe_id = %info.spiffe_id, "mTLS peer");
+    Some((tls, info))
+}
+
+/// Whether `id` is `spiffe://TD/ROLE/...` in the trust domain of `own` (a
+/// SPIFFE ID of ours): the test each side of the forwarder socket applies to
+/// the other (`ROLE` = `nsm-manager` or `nsm-forwarder`).
+pub fn is_role_in_domain(own: &str, id: &str, role: &str) -> bool {
+    trust_domain(own).is_some_and(|td| id.starts_with(&format!("spiffe://{td}/{role}/")))
 }
