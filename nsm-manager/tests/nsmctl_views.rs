@@ -59,6 +59,9 @@ fn nsmctl(lab: &Lab, args: &[&str]) -> Output {
         .arg(lab.forwarder_socket("node-1"))
         .arg("--forwarder")
         .arg(lab.forwarder_socket("node-2"))
+        // The lab's forwarders answer managers only (mTLS).
+        .arg("--identity-dir")
+        .arg(lab.identity_dir("node-1"))
         .args(args)
         .output()
         .unwrap()
@@ -311,6 +314,7 @@ fn nsmctl_top_rates_and_testbed_graph_of_the_whole_lab() {
 
     // top --count 2 --json: two frames, one JSON object per line.
     let mut top = Command::new(NSMCTL);
+    top.arg("--identity-dir").arg(lab.identity_dir("node-1"));
     for f in &forwarders {
         top.arg("--forwarder").arg(f);
     }

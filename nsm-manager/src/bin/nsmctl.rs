@@ -268,7 +268,7 @@ async fn forwarders(paths: &[PathBuf], required: bool) -> Result<Vec<ForwarderVi
             Ok(v) => out.push(v),
             Err(e) if required => {
                 return Err(Failure::Failed(format!(
-                    "{e}; is nsm-forwarder serving there? (--forwarder PATH)"
+                    "{e}; is nsm-forwarder serving there? (--forwarder PATH; one with an identity answers managers only: --identity-dir)"
                 )));
             }
             Err(_) if !explicit && !p.exists() => {}
