@@ -264,3 +264,40 @@ impl Drop for ApiServer {
         }
     }
 }
+
+/// `deploy/daemonset.yaml` as the API server would take it: its ConfigMaps
+/// by name, and the pod spec of its DaemonSet (for tests that run its
+/// containers as a kubelet would).
+///
+/// # Panics
+/// The file is missing or does not hold those objects (a broken manifest
+/// must fail the test that reads it).
+pub fn daemonset_manifest() -> (
+    std::collections::BTreeMap<String, k8s_openapi::api::core::v1::ConfigMap>,
+    k8s_openapi::api::core::v1::PodSpec,
+) {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/daemonset.yaml");
+    let mut maps = std::collections::BTreeMap::new();
+    let mut ds = None;
+    for doc in text.split("\n---\n") {
+        let v: serde_json::Value = serde_norway::from_str(doc).expect("a YAML document");
+        match v["kind"].as_str() {
+            Some("ConfigMap") => {
+                let cm: ConfigMap = serde_json::from_value(v).expect("a ConfigMap");
+                maps.insert(cm.metadata.name.clone().unwrap_or_default(), cm);
+            }
+            Some("DaemonSet") => {
+                ds = Some(serde_json::from_value::<DaemonSet>(v).expect("a DaemonSet"))
+            }
+            _ => {}
+        }
+    }
+    let spec = ds
+        .and_then(|d| d.spec)
+        .and_then(|s| s.template.spec)
+        .expect("a DaemonSet with a pod template");
+    (maps, spec)
+}

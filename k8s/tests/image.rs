@@ -7,12 +7,10 @@
 //! conflist into the "host" directories mounted where the DaemonSet mounts
 //! them. Needs root.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Container};
+use k8s_openapi::api::core::v1::Container;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -95,21 +93,7 @@ fn every_daemonset_container_runs_from_the_built_image() {
     assert!(listing.lines().any(|l| l == "index.json"), "{listing}");
 
     // The DaemonSet and its ConfigMaps, as applied.
-    let text = std::fs::read_to_string(repo().join("deploy/daemonset.yaml")).unwrap();
-    let mut maps: BTreeMap<String, ConfigMap> = BTreeMap::new();
-    let mut ds = None;
-    for doc in text.split("\n---\n") {
-        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
-        match v["kind"].as_str() {
-            Some("ConfigMap") => {
-                let cm: ConfigMap = serde_json::from_value(v).unwrap();
-                maps.insert(cm.metadata.name.clone().unwrap(), cm);
-            }
-            Some("DaemonSet") => ds = Some(serde_json::from_value::<DaemonSet>(v).unwrap()),
-            _ => {}
-        }
-    }
-    let spec = ds.unwrap().spec.unwrap().template.spec.unwrap();
+    let (maps, spec) = nsm_k8s::testing::daemonset_manifest();
     let image = format!("nsm-rs:{}", env!("CARGO_PKG_VERSION"));
     let all: Vec<&Container> = spec
         .init_containers

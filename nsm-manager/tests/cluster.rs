@@ -219,6 +219,15 @@ fn kubectl(server: &ApiServer, args: &[&str]) -> String {
     text
 }
 
+/// [`install`], and the RBAC of deploy/ (the manager's service account).
+async fn install_with_rbac(server: &ApiServer, client: &kube::Client) {
+    install(server, client).await;
+    kubectl(
+        server,
+        &["apply", "-f", deploy("rbac.yaml").to_str().unwrap()],
+    );
+}
+
 /// Applies the checked-in CRDs and the namespace, as an operator would.
 async fn install(server: &ApiServer, client: &kube::Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -591,13 +600,9 @@ async fn annotate(pods: &Api<Pod>, name: &str, value: &str) {
 async fn pod_annotations_are_reconciled_across_restart_and_outage() {
     let mut server = api_server().await;
     let admin = server.client().await.unwrap();
-    install(&server, &admin).await;
     // The manager runs with exactly the RBAC of deploy/ (impersonating its
     // service account), so every call it makes is proven to be granted.
-    kubectl(
-        &server,
-        &["apply", "-f", deploy("rbac.yaml").to_str().unwrap()],
-    );
+    install_with_rbac(&server, &admin).await;
     for (verb, what, allowed) in [
         ("watch", "pods", true),
         (
@@ -877,11 +882,7 @@ fn addresses(a: &nsm_proto::manager::v1::Attachment) -> Vec<String> {
 async fn managers_of_a_cluster_share_pools_and_respect_each_others_entries() {
     let server = api_server().await;
     let admin = server.client().await.unwrap();
-    install(&server, &admin).await;
-    kubectl(
-        &server,
-        &["apply", "-f", deploy("rbac.yaml").to_str().unwrap()],
-    );
+    install_with_rbac(&server, &admin).await;
     // Both managers run with the service account's RBAC only.
     let sa = client_as(&server, Some(SERVICE_ACCOUNT)).await;
     let a = Node::new_named("node-a", sa.clone()).await;
@@ -1034,34 +1035,15 @@ fn free_port() -> u16 {
 /// instead of the node's 5001 and 9090).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemonset_manager_runs_with_the_in_cluster_config() {
-    use k8s_openapi::api::apps::v1::DaemonSet;
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-    use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+    use k8s_openapi::api::core::v1::ServiceAccount;
 
     let server = api_server().await;
     let admin = server.client().await.unwrap();
-    install(&server, &admin).await;
-    kubectl(
-        &server,
-        &["apply", "-f", deploy("rbac.yaml").to_str().unwrap()],
-    );
+    install_with_rbac(&server, &admin).await;
 
     // deploy/daemonset.yaml: its ConfigMaps and the DaemonSet.
-    let text = std::fs::read_to_string(deploy("daemonset.yaml")).unwrap();
-    let mut config_maps = HashMap::new();
-    let mut ds = None;
-    for doc in text.split("\n---\n") {
-        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
-        match v["kind"].as_str() {
-            Some("ConfigMap") => {
-                let cm: ConfigMap = serde_json::from_value(v).unwrap();
-                config_maps.insert(cm.metadata.name.clone().unwrap(), cm);
-            }
-            Some("DaemonSet") => ds = Some(serde_json::from_value::<DaemonSet>(v).unwrap()),
-            _ => {}
-        }
-    }
-    let pod_spec = ds.unwrap().spec.unwrap().template.spec.unwrap();
+    let (config_maps, pod_spec) = nsm_k8s::testing::daemonset_manifest();
     assert_eq!(
         pod_spec.service_account_name.as_deref(),
         Some("nsm-manager")
@@ -1298,11 +1280,7 @@ async fn service_authorization_objects_decide_who_may_request() {
 
     let server = api_server().await;
     let admin = server.client().await.unwrap();
-    install(&server, &admin).await;
-    kubectl(
-        &server,
-        &["apply", "-f", deploy("rbac.yaml").to_str().unwrap()],
-    );
+    install_with_rbac(&server, &admin).await;
     let node = Node::new(client_as(&server, Some(SERVICE_ACCOUNT)).await).await;
     let _alpha = node.endpoint("alpha-1", "alpha").await;
     let mut nsc =
