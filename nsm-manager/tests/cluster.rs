@@ -12,6 +12,8 @@
 //! forwarder (the pattern of `two_managers.rs`); the end-to-end run with real
 //! forwarders and the CNI binary belongs to the testbed.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -1248,32 +1250,6 @@ async fn the_daemonset_manager_runs_with_the_in_cluster_config() {
     );
 }
 
-/// A kernel-interface request from this process (uid 0) for `service`.
-fn own_request(
-    service: &str,
-    labels: &[(&str, &str)],
-) -> nsm_proto::networkservice::NetworkServiceRequest {
-    use nsm_proto::mechanisms::kernel;
-    use std::os::unix::fs::MetadataExt;
-    let mut k = kernel::local("nsm-1", Path::new("/proc/self/ns/net"));
-    let m = std::fs::metadata("/proc/self/ns/net").unwrap();
-    k.parameters.insert(
-        kernel::INODE_URL.into(),
-        format!("inode://{}/{}", m.dev(), m.ino()),
-    );
-    nsm_proto::networkservice::NetworkServiceRequest {
-        connection: Some(nsm_proto::connection::Connection {
-            network_service: service.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        }),
-        mechanism_preferences: vec![k],
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_authorization_objects_decide_who_may_request() {
     use nsm_proto::networkservice::network_service_client::NetworkServiceClient;
@@ -1300,7 +1276,7 @@ async fn service_authorization_objects_decide_who_may_request() {
 
     // No rules anywhere: open, as documented.
     let conn = nsc
-        .request(own_request("alpha", &[]))
+        .request(common::kernel_request("alpha", "nsm-1", &[]))
         .await
         .expect("no authorization configured: allowed")
         .into_inner();
@@ -1314,7 +1290,10 @@ async fn service_authorization_objects_decide_who_may_request() {
     eventually(
         "refused once the object is seen",
         Duration::from_secs(10),
-        async || match nsc2.request(own_request("alpha", &[])).await {
+        async || match nsc2
+            .request(common::kernel_request("alpha", "nsm-1", &[]))
+            .await
+        {
             Err(e) => {
                 assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
                 assert!(e.message().contains("authorization policy"), "{e}");
@@ -1338,7 +1317,10 @@ async fn service_authorization_objects_decide_who_may_request() {
     eventually(
         "allowed with the label",
         Duration::from_secs(10),
-        async || match nsc3.request(own_request("alpha", &[("app", "web")])).await {
+        async || match nsc3
+            .request(common::kernel_request("alpha", "nsm-1", &[("app", "web")]))
+            .await
+        {
             Ok(c) => {
                 nsc3.close(c.into_inner()).await.unwrap();
                 true
@@ -1347,7 +1329,10 @@ async fn service_authorization_objects_decide_who_may_request() {
         },
     )
     .await;
-    let err = nsc.request(own_request("alpha", &[])).await.unwrap_err();
+    let err = nsc
+        .request(common::kernel_request("alpha", "nsm-1", &[]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
 
     // A bad object alone still keeps the service closed: it allows nothing,
@@ -1371,7 +1356,10 @@ async fn service_authorization_objects_decide_who_may_request() {
         node.handle().manager.cluster_authorization().len() == 1
     })
     .await;
-    let err = nsc.request(own_request("alpha", &[])).await.unwrap_err();
+    let err = nsc
+        .request(common::kernel_request("alpha", "nsm-1", &[]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
 
     // No objects at all: open again.
@@ -1381,7 +1369,10 @@ async fn service_authorization_objects_decide_who_may_request() {
     );
     let mut nsc4 = nsc.clone();
     eventually("open again", Duration::from_secs(10), async || {
-        match nsc4.request(own_request("alpha", &[])).await {
+        match nsc4
+            .request(common::kernel_request("alpha", "nsm-1", &[]))
+            .await
+        {
             Ok(c) => {
                 nsc4.close(c.into_inner()).await.unwrap();
                 true

@@ -13,6 +13,8 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
+mod common;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -33,7 +35,7 @@ use nsm_proto::forwarder::v1::{
     CrossConnect, CrossConnectEvent, CrossConnectStatus, ForwarderInfo, InfoRequest, ListRequest,
     ListResponse, RemoveRequest, WatchRequest,
 };
-use nsm_proto::mechanisms::{self, cls, kernel, wireguard};
+use nsm_proto::mechanisms::{self, cls, wireguard};
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::networkservice::network_service_client::NetworkServiceClient;
 use nsm_proto::registry::network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient;
@@ -320,26 +322,8 @@ fn assert_refused(err: &Status) {
     );
 }
 
-fn own_netns_inode_url() -> String {
-    let m = std::fs::metadata("/proc/self/ns/net").unwrap();
-    format!("inode://{}/{}", m.dev(), m.ino())
-}
-
 fn request(service: &str, labels: &[(&str, &str)]) -> NetworkServiceRequest {
-    let mut k = kernel::local("nsm-1", Path::new("/proc/self/ns/net"));
-    k.parameters
-        .insert(kernel::INODE_URL.into(), own_netns_inode_url());
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        }),
-        mechanism_preferences: vec![k],
-    }
+    common::kernel_request(service, "nsm-1", labels)
 }
 
 /// What a peer manager sends: a path of [client (unsigned), peer segment]

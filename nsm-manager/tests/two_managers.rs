@@ -7,7 +7,9 @@
 //! through real forwarders in network namespaces live in `testbed/`.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
+mod common;
+
+use common::kernel_request as request;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -26,7 +28,7 @@ use nsm_proto::forwarder::v1::{
     CrossConnect, CrossConnectEvent, CrossConnectStatus, ForwarderInfo, InfoRequest, ListRequest,
     ListResponse, RemoveRequest, WatchRequest,
 };
-use nsm_proto::mechanisms::{self, kernel, wireguard};
+use nsm_proto::mechanisms::{self, wireguard};
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::networkservice::network_service_client::NetworkServiceClient;
 use nsm_proto::registry::network_service_registry_client::NetworkServiceRegistryClient;
@@ -351,28 +353,6 @@ impl Lab {
 
 fn nse_name(h: &EndpointHandle) -> String {
     h.service.name().to_string()
-}
-
-fn own_netns_inode_url() -> String {
-    let m = std::fs::metadata("/proc/self/ns/net").unwrap();
-    format!("inode://{}/{}", m.dev(), m.ino())
-}
-
-fn request(service: &str, ifname: &str, labels: &[(&str, &str)]) -> NetworkServiceRequest {
-    let mut k = kernel::local(ifname, Path::new("/proc/self/ns/net"));
-    k.parameters
-        .insert(kernel::INODE_URL.into(), own_netns_inode_url());
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        }),
-        mechanism_preferences: vec![k],
-    }
 }
 
 fn addrs(c: &Connection) -> (Vec<String>, Vec<String>) {
