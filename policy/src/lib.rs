@@ -703,11 +703,51 @@ fn check_name(policy: &str, name: &str) -> Result<(), PolicyError> {
     }
 }
 
+/// A network service name: not empty, at most 253 bytes, no whitespace and
+/// no control characters (NSM names are DNS-like; a line break in one could
+/// not survive being written back as YAML, found by the `policy` fuzzer).
+fn check_service(service: &str) -> Result<(), String> {
+    if service.is_empty() {
+        return Err("is empty".into());
+    }
+    if service.len() > 253 {
+        return Err("is longer than 253 bytes".into());
+    }
+    if let Some(c) = service
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "`{}` holds {c:?}: a service name has no whitespace or control characters",
+            service.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// A label key or value: no control characters and no line breaks (spaces
+/// are fine in values, not in keys).
+fn check_label(key: &str, value: &str) -> Result<(), String> {
+    let bad_key = key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control());
+    let bad_value = value
+        .chars()
+        .any(|c| c.is_control() || (c.is_whitespace() && c != ' '));
+    if bad_key || bad_value {
+        return Err(format!(
+            "label `{}: {}`: keys are non-empty without whitespace, and neither holds control characters or line breaks",
+            key.escape_debug(),
+            value.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 fn check_policy(p: &Policy) -> Result<(), PolicyError> {
     let name = p.name.as_str();
     check_name(name, name)?;
-    if p.matches.service.is_empty() {
-        return Err(PolicyError::new(name, "match.service", "is empty"));
+    check_service(&p.matches.service).map_err(|m| PolicyError::new(name, "match.service", m))?;
+    for (k, v) in &p.matches.source {
+        check_label(k, v).map_err(|m| PolicyError::new(name, "match.source", m))?;
     }
     let traffic = p.matches.traffic();
     if let Some(t) = &traffic {
@@ -724,9 +764,7 @@ fn check_policy(p: &Policy) -> Result<(), PolicyError> {
                         "an endpoint function steers the whole connection; it cannot be in a policy that selects by protocol, port or prefix".into(),
                     ));
                 }
-                if e.service.is_empty() {
-                    return Err(err("service is empty".into()));
-                }
+                check_service(&e.service).map_err(|m| err(format!("service {m}")))?;
                 if e.service == p.matches.service {
                     return Err(err(format!(
                         "loop: the chain of service `{}` goes through `{}` itself",

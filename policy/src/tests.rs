@@ -125,6 +125,23 @@ fn bad_policies_are_named() {
     assert!(e.contains("host bits"), "{e}");
     let e = err("policies: [{name: x, match: {service: s}, chain: [{fault: {drop: 120%}}]}]");
     assert!(e.contains("0..=100"), "{e}");
+    // Names and labels that YAML could not write back as they were (found
+    // by the `policy` fuzzer: a NEL, U+0085, in a service name).
+    let e = err("{\"policies\": [{\"name\": \"n\", \"match\": {\"service\": \"a\\u0085b\"}}]}");
+    assert!(e.starts_with("policy n: match.service: "), "{e}");
+    let e = err("policies: [{name: n, match: {service: \"secure net\"}}]");
+    assert!(e.contains("no whitespace"), "{e}");
+    let e = err(
+        "policies: [{name: n, match: {service: s}, chain: [{endpoint: {service: \"fw\\tx\"}}]}]",
+    );
+    assert!(
+        e.starts_with("policy n: chain[0] (endpoint): service "),
+        "{e}"
+    );
+    let e = err("policies: [{name: n, match: {service: s, source: {app: \"we\\nb\"}}}]");
+    assert!(e.starts_with("policy n: match.source: "), "{e}");
+    parse_file("policies: [{name: n, match: {service: s, source: {team: \"red team\"}}}]")
+        .expect("a space in a label value is fine");
 }
 
 #[test]
