@@ -437,21 +437,8 @@ impl Tls {
             let (this, path, expect) = (this.clone(), path.clone(), expect.clone());
             async move {
                 let stream = UnixStream::connect(&path).await?;
-                let connector = tokio_rustls::TlsConnector::from(this.client.clone());
-                let name = ServerName::try_from("nsm-forwarder.invalid").expect("valid DNS name");
-                let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream))
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(io::ErrorKind::TimedOut, "mTLS handshake timed out")
-                    })??;
-                let id = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| CertInfo::from_der(c).ok())
-                    .and_then(|i| i.spiffe_id)
-                    .unwrap_or_default();
+                let (tls, id) = this.handshake(stream).await?;
+                let id = id.unwrap_or_default();
                 if !expect(&id) {
                     return Err(io::Error::new(
                         io::ErrorKind::PermissionDenied,
@@ -468,6 +455,14 @@ impl Tls {
         Endpoint::from_static("http://unix.invalid")
             .connect_timeout(Duration::from_secs(5))
             .connect_with_connector_lazy(connector)
+    }
+
+    /// A lazily connected mTLS channel to the forwarder serving on `path`
+    /// (`nsm-forwarder --identity-dir`), as a manager opens it: it must
+    /// present `spiffe://TD/nsm-forwarder/...` of our own trust domain.
+    pub fn forwarder_channel(self: &Arc<Self>, path: &std::path::Path) -> Channel {
+        let own = self.identity().id.clone();
+        self.channel_unix(path, move |id| is_role_in_domain(&own, id, "nsm-forwarder"))
     }
 
     /// A lazily connected mTLS channel to `tcp://HOST:PORT` (`addr` =
@@ -489,23 +484,33 @@ impl Tls {
             .connect_with_connector_lazy(connector))
     }
 
-    async fn connect(&self, addr: &str) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
+    /// The client side of one handshake on `stream`: the TLS stream and the
+    /// SPIFFE ID the server presented.
+    async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+    ) -> io::Result<(tokio_rustls::client::TlsStream<S>, Option<String>)> {
         let connector = tokio_rustls::TlsConnector::from(self.client.clone());
         // The name is not checked (see the module doc); rustls needs one.
-        let name = ServerName::try_from("nsm-manager.invalid").expect("valid DNS name");
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
+        let name = ServerName::try_from("nsm-mesh.invalid").expect("valid DNS name");
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "mTLS handshake timed out"))??;
-        if let Some(id) = tls
+        let id = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|c| CertInfo::from_der(c).ok())
-            .and_then(|i| i.spiffe_id)
-        {
+            .and_then(|i| i.spiffe_id);
+        Ok((tls, id))
+    }
+
+    async fn connect(&self, addr: &str) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (tls, id) = self.handshake(tcp).await?;
+        if let Some(id) = id {
             self.peer_ids
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -71,12 +71,8 @@ impl Forwarder {
     /// and accept only a forwarder of our trust domain
     /// (`spiffe://TD/nsm-forwarder/...`).
     pub fn with_tls(path: &Path, tls: &std::sync::Arc<crate::tls::Tls>) -> Forwarder {
-        let own = tls.identity().id.clone();
-        let ch = tls.channel_unix(path, move |id| {
-            crate::tls::is_role_in_domain(&own, id, "nsm-forwarder")
-        });
         Forwarder {
-            client: ForwarderClient::new(ch),
+            client: ForwarderClient::new(tls.forwarder_channel(path)),
         }
     }
 

@@ -169,12 +169,7 @@ pub async fn fetch_forwarder(
     let what = format!("forwarder {}", socket.display());
     timed(&what, async {
         let ch = match tls {
-            Some(tls) => {
-                let own = tls.identity().id.clone();
-                tls.channel_unix(socket, move |id| {
-                    crate::tls::is_role_in_domain(&own, id, "nsm-forwarder")
-                })
-            }
+            Some(tls) => tls.forwarder_channel(socket),
             None => nsm_proto::uds::connect_unix_lazy(socket),
         };
         let mut c = ForwarderClient::new(ch);

@@ -53,6 +53,7 @@ use std::str::FromStr;
 use nsm_proto::forwarder::v1 as pb;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod fuzzing;
 mod units;
 
 pub use units::{Bitrate, Bytes, Millis, Percent};

@@ -882,34 +882,26 @@ impl Lab {
             ],
         )
         .map_err(self.step("identities: lab CA"))?;
+        // Every manager, forwarder and nsm-endpoint of the lab: (ID, directory).
+        let mut wanted: Vec<(String, PathBuf)> = Vec::new();
         for node in &self.plan.nodes {
-            let id = format!("spiffe://{TRUST_DOMAIN}/nsm-manager/{}", node.name);
-            let out = self.identity_dir(&node.name).display().to_string();
-            sys::run(
-                &nsmctl,
-                [
-                    "ca", "issue", "--dir", &ca, "--id", &id, "--ttl", "24h", "--out", &out,
-                ],
-            )
-            .map_err(self.step(format!("identities: {id}")))?;
-        }
-        for node in &self.plan.nodes {
-            let id = format!("spiffe://{TRUST_DOMAIN}/nsm-forwarder/{}", node.name);
-            let out = self
-                .forwarder_identity_dir(&node.name)
-                .display()
-                .to_string();
-            sys::run(
-                &nsmctl,
-                [
-                    "ca", "issue", "--dir", &ca, "--id", &id, "--ttl", "24h", "--out", &out,
-                ],
-            )
-            .map_err(self.step(format!("identities: {id}")))?;
+            wanted.push((
+                format!("spiffe://{TRUST_DOMAIN}/nsm-manager/{}", node.name),
+                self.identity_dir(&node.name),
+            ));
+            wanted.push((
+                format!("spiffe://{TRUST_DOMAIN}/nsm-forwarder/{}", node.name),
+                self.forwarder_identity_dir(&node.name),
+            ));
         }
         for e in self.topology.endpoints.iter().filter(|e| !e.passthrough) {
-            let id = endpoint_spiffe_id(&e.name);
-            let out = self.endpoint_identity_dir(&e.name).display().to_string();
+            wanted.push((
+                endpoint_spiffe_id(&e.name),
+                self.endpoint_identity_dir(&e.name),
+            ));
+        }
+        for (id, out) in wanted {
+            let out = out.display().to_string();
             sys::run(
                 &nsmctl,
                 [
@@ -943,11 +935,7 @@ impl Lab {
             nsm_identity::identity::IdentityPaths::in_dir(&self.identity_dir(node)),
         )
         .map_err(|e| format!("{node} manager identity: {e}"))?;
-        let tls = nsm_identity::tls::Tls::new(source);
-        let own = tls.identity().id.clone();
-        Ok(tls.channel_unix(&socket, move |id| {
-            nsm_identity::tls::is_role_in_domain(&own, id, "nsm-forwarder")
-        }))
+        Ok(nsm_identity::tls::Tls::new(source).forwarder_channel(&socket))
     }
 
     /// The cross-connects a node's forwarder reports (its `List`), read as

@@ -1,41 +1,9 @@
 //! Replays `testbed/fuzz`'s checked-in policy corpus (and any saved crash)
-//! with the `policy` fuzz target's checks, so that every input ever found
-//! stays a regression test. (The same crate's `topology` corpus is replayed
+//! with the `policy` fuzz target's checks (`nsm_policy::fuzzing`), so that
+//! every input ever found stays a regression test. (The same crate's `topology` corpus is replayed
 //! by `nsm-manager/tests/fuzz_corpus.rs`.)
 
 use std::path::Path;
-
-/// The `policy` target's invariants on one input (see
-/// `testbed/fuzz/fuzz_targets/policy.rs`); returns whether it was accepted.
-fn policy(name: &str, data: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return false;
-    };
-    let Ok(set) = nsm_policy::parse_file(text) else {
-        return false;
-    };
-    for p in set.policies() {
-        let plan = set.plan(&p.matches.service, &p.matches.source);
-        assert!(!plan.segments.is_empty(), "{name}: a plan without segments");
-        assert!(
-            plan.policies.contains(&p.name),
-            "{name}: {} does not select its own match",
-            p.name
-        );
-    }
-    let file = nsm_policy::PolicyFile {
-        policies: set.policies().to_vec(),
-    };
-    let json = serde_json::to_string(&file).expect("policies serialize as JSON");
-    let yaml = serde_norway::to_string(&file).expect("policies serialize as YAML");
-    for again in [json, yaml] {
-        match nsm_policy::parse_file(&again) {
-            Ok(s) => assert_eq!(s, set, "{name}: changed by a round trip:\n{again}"),
-            Err(e) => panic!("{name}: rejected after a round trip: {e}\n{again}"),
-        }
-    }
-    true
-}
 
 #[test]
 fn policy_corpus_runs_clean() {
@@ -46,7 +14,10 @@ fn policy_corpus_runs_clean() {
             for e in entries.flatten() {
                 let data = std::fs::read(e.path()).expect("corpus file");
                 seeds += 1;
-                accepted += usize::from(policy(&e.path().display().to_string(), &data));
+                accepted += usize::from(nsm_policy::fuzzing::check_policy_file(
+                    &e.path().display().to_string(),
+                    &data,
+                ));
             }
         }
     }

@@ -246,6 +246,11 @@ fn current_leaf(lab: &Lab, node: &str) -> Vec<u8> {
 /// Re-issues a node manager's certificate from the lab's CA, as an operator
 /// (or cert-manager) would: with `nsmctl ca issue` into its identity dir.
 fn rotate(lab: &Lab, node: &str) {
+    reissue(lab, &manager_id(node), &lab.identity_dir(node));
+}
+
+/// Issues `id` from the lab's CA into `dir` (over what is there).
+fn reissue(lab: &Lab, id: &str, dir: &Path) {
     let nsmctl = sys::find_program("nsmctl").expect("nsmctl built");
     sys::run(
         nsmctl.to_str().unwrap(),
@@ -255,11 +260,11 @@ fn rotate(lab: &Lab, node: &str) {
             "--dir",
             lab.dir().join("ca").to_str().unwrap(),
             "--id",
-            &manager_id(node),
+            id,
             "--ttl",
             "2h",
             "--out",
-            lab.identity_dir(node).to_str().unwrap(),
+            dir.to_str().unwrap(),
         ],
     )
     .expect("nsmctl ca issue");
@@ -660,6 +665,23 @@ fn tampered_or_expired_tokens_are_denied_and_leave_nothing() {
     assert!(log.contains("request refused"), "{log}");
 }
 
+/// The security topology plus a pod `web` on node-1 with a secure-net
+/// connection (`nsm-1`) that pings; the lab and the endpoint's address.
+fn up_with_web_connection(prefix: &str) -> (tempfile::TempDir, Lab, String) {
+    let name = unique_lab_name(prefix);
+    let (dir, lab) = up(
+        &topology(&name, "", "pods: [{name: web, node: node-1}]\n"),
+        &[],
+    );
+    let conn = request(&lab, "web", "node-1", "nsm-1", "secure-net", &[])
+        .expect("a request through managers, forwarders and the endpoint");
+    let (_, dst) = addrs(&conn);
+    wait_until("ping over the mesh", Duration::from_secs(10), || {
+        ping(&lab, "web", &dst)
+    });
+    (dir, lab, dst)
+}
+
 /// A request straight to an endpoint's socket, bypassing the managers, with
 /// `token` in the caller's segment.
 fn endpoint_request(seg_id: &str, token: String) -> NetworkServiceRequest {
@@ -688,19 +710,9 @@ fn endpoint_request(seg_id: &str, token: String) -> NetworkServiceRequest {
 
 #[test]
 fn an_endpoint_accepts_only_requests_its_manager_signed_for_it() {
-    let name = unique_lab_name("sep");
-    let (_dir, lab) = up(
-        &topology(&name, "", "pods: [{name: web, node: node-1}]\n"),
-        &[],
-    );
-    let keys = pem_key_bodies(&lab);
     // Through the mesh: node-2's manager signs for echo, which accepts.
-    let conn = request(&lab, "web", "node-1", "nsm-1", "secure-net", &[])
-        .expect("a request through the managers reaches the endpoint");
-    let (_, dst) = addrs(&conn);
-    wait_until("ping over the mesh", Duration::from_secs(10), || {
-        ping(&lab, "web", &dst)
-    });
+    let (_dir, lab, dst) = up_with_web_connection("sep");
+    let keys = pem_key_bodies(&lab);
 
     // Straight to echo's socket, from a process that is not its manager.
     let echo_id = format!("spiffe://{TRUST_DOMAIN}/nsm-endpoint/echo");
@@ -775,19 +787,9 @@ fn list_on(ch: Channel) -> Result<usize, tonic::Status> {
 
 #[test]
 fn a_forwarder_answers_only_its_managers_and_rotates_without_a_drop() {
-    let name = unique_lab_name("sfw");
-    let (_dir, lab) = up(
-        &topology(&name, "", "pods: [{name: web, node: node-1}]\n"),
-        &[],
-    );
-    let keys = pem_key_bodies(&lab);
     // The managers program their forwarders over mTLS: traffic flows.
-    let conn = request(&lab, "web", "node-1", "nsm-1", "secure-net", &[])
-        .expect("a request through managers and forwarders");
-    let (_, dst) = addrs(&conn);
-    wait_until("ping over the mesh", Duration::from_secs(10), || {
-        ping(&lab, "web", &dst)
-    });
+    let (_dir, lab, dst) = up_with_web_connection("sfw");
+    let keys = pem_key_bodies(&lab);
     let socket = lab.forwarder_socket("node-1");
     // Plain gRPC on the socket: no answer.
     let plain = runtime().block_on(async { nsm_proto::uds::connect_unix_lazy(&socket) });
@@ -815,28 +817,16 @@ fn a_forwarder_answers_only_its_managers_and_rotates_without_a_drop() {
     );
 
     // Rotation: a new forwarder certificate, as an operator issues it.
-    let nsmctl = sys::find_program("nsmctl").expect("nsmctl built");
     let before = std::fs::read(
         lab.forwarder_identity_dir("node-1")
             .join(identity::CERT_FILE),
     )
     .unwrap();
-    sys::run(
-        nsmctl.to_str().unwrap(),
-        [
-            "ca",
-            "issue",
-            "--dir",
-            lab.dir().join("ca").to_str().unwrap(),
-            "--id",
-            &format!("spiffe://{TRUST_DOMAIN}/nsm-forwarder/node-1"),
-            "--ttl",
-            "2h",
-            "--out",
-            lab.forwarder_identity_dir("node-1").to_str().unwrap(),
-        ],
-    )
-    .expect("nsmctl ca issue");
+    reissue(
+        &lab,
+        &format!("spiffe://{TRUST_DOMAIN}/nsm-forwarder/node-1"),
+        &lab.forwarder_identity_dir("node-1"),
+    );
     assert_ne!(
         std::fs::read(
             lab.forwarder_identity_dir("node-1")
