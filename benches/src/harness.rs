@@ -912,7 +912,7 @@ fn udp_tool() -> Option<PathBuf> {
 pub fn udp_tool_description() -> String {
     match udp_tool() {
         Some(p) => format!(
-            "nsm-bench-udp ({}): one send/recv syscall per datagram",
+            "nsm-bench-udp ({}): sendmmsg/recvmmsg of 64 datagrams",
             p.display()
         ),
         None => "iperf3 -u -b 0 (nsm-bench-udp not found beside nsm-bench)".to_string(),

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 /// The nsm-rs data plane of one node: creates the pods' TUN/TAP interfaces,
-/// carries their packets to other nodes over one WireGuard UDP socket, and
+/// carries their packets to other nodes over WireGuard (one UDP socket per
+/// packet thread), and
 /// is programmed by nsm-manager over a gRPC API on a unix socket.
 ///
 /// Run it in the node's network namespace. SIGTERM or SIGINT removes every
@@ -31,7 +32,9 @@ pub struct Config {
     #[arg(long, env = "NSM_FORWARDER_UNDERLAY_IP", value_name = "IP")]
     pub underlay_ip: IpAddr,
 
-    /// UDP port of the WireGuard socket that carries every session.
+    /// UDP port of the first packet thread's WireGuard socket; thread k
+    /// (see --workers) uses PORT + k, so PORT .. PORT + workers - 1 must be
+    /// free and reachable from the other nodes.
     #[arg(
         long,
         env = "NSM_FORWARDER_WIREGUARD_PORT",
@@ -39,6 +42,16 @@ pub struct Config {
         default_value_t = 51820
     )]
     pub wireguard_port: u16,
+
+    /// Packet threads (1-64). Each owns a share of the cross-connects, with
+    /// their pod interfaces, WireGuard sessions and its own UDP socket, so
+    /// connections scale over cores without a lock on the packet path; one
+    /// connection always stays on one thread (its packets stay in order).
+    /// A new connection goes to the thread with the fewest. Default: the
+    /// number of CPUs this process may run on, at most 8.
+    #[arg(long, env = "NSM_FORWARDER_WORKERS", value_name = "COUNT",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: Option<u16>,
 
     /// MTU of the underlay, in bytes. Default: the MTU of the interface
     /// holding --underlay-ip. Pod MTUs default to it minus 60 (IPv4
@@ -53,7 +66,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub batch: u16,
 
-    /// Receive and send buffer of the WireGuard UDP socket, in bytes (set
+    /// Receive and send buffer of each WireGuard UDP socket, in bytes (set
     /// with SO_RCVBUFFORCE/SO_SNDBUFFORCE, so above net.core.rmem_max).
     /// Small buffers lose packets under load.
     #[arg(long, env = "NSM_FORWARDER_SOCKET_BUFFER", value_name = "BYTES", default_value_t = 8 << 20)]
@@ -65,8 +78,9 @@ pub struct Config {
     #[arg(long, env = "NSM_FORWARDER_NO_UDP_GSO")]
     pub no_udp_gso: bool,
 
-    /// Do not coalesce TCP segments into superpackets when writing to pod
-    /// TUNs (receive-side GRO in userspace). On by default.
+    /// Do not coalesce TCP segments or UDP datagrams of a flow into
+    /// superpackets when writing to pod TUNs (receive-side GRO in
+    /// userspace). On by default.
     #[arg(long, env = "NSM_FORWARDER_NO_TUN_GRO")]
     pub no_tun_gro: bool,
 
@@ -125,4 +139,15 @@ pub struct Config {
     /// is $OTEL_SERVICE_NAME or nsm-forwarder@NAME.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+}
+
+impl Config {
+    /// Packet threads to run: --workers, or the CPUs this process may run
+    /// on (at most 8).
+    pub fn worker_count(&self) -> usize {
+        self.workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            usize::from,
+        )
+    }
 }

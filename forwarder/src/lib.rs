@@ -63,6 +63,16 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// --wireguard-port + --workers - 1 is past 65535.
+    #[error(
+        "WireGuard ports {base}..{base}+{workers} do not fit below 65536 (lower --wireguard-port or --workers)"
+    )]
+    PortRange {
+        /// --wireguard-port.
+        base: u16,
+        /// Packet threads asked for.
+        workers: usize,
+    },
     /// The underlay MTU could not be found.
     #[error("underlay MTU of {ip}: {reason} (pass --underlay-mtu)")]
     UnderlayMtu {
@@ -177,6 +187,41 @@ fn bind_wireguard(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket>
     Ok(sock)
 }
 
+/// Binds packet thread `k`'s WireGuard socket (port base + k) and starts
+/// the thread with a data plane of its own.
+fn start_worker(
+    config: &Config,
+    k: usize,
+    workers: usize,
+    max_udp_payload: usize,
+) -> Result<(worker::WorkerHandle, std::thread::JoinHandle<()>), RunError> {
+    let port =
+        u16::try_from(usize::from(config.wireguard_port) + k).map_err(|_| RunError::PortRange {
+            base: config.wireguard_port,
+            workers,
+        })?;
+    let addr = SocketAddr::new(config.underlay_ip, port);
+    let udp = bind_wireguard(addr, config.socket_buffer)
+        .map_err(|source| RunError::Socket { addr, source })?;
+    let dp = Dataplane::new(DataplaneConfig {
+        max_ports: config.max_ports,
+        ..DataplaneConfig::default()
+    });
+    worker::spawn(
+        k,
+        dp,
+        udp,
+        worker::WorkerConfig {
+            batch: usize::from(config.batch),
+            udp_gso: !config.no_udp_gso,
+            tun_gro: !config.no_tun_gro,
+            max_udp_payload,
+            ..worker::WorkerConfig::default()
+        },
+    )
+    .map_err(RunError::Worker)
+}
+
 /// Runs the forwarder until `shutdown` resolves, then removes every
 /// cross-connect (deleting their interfaces) and stops the packet thread.
 ///
@@ -216,28 +261,32 @@ pub async fn run(
         ),
         None => None,
     };
+    let workers = config.worker_count();
+    let max_udp_payload = usize::try_from(underlay_mtu)
+        .unwrap_or(1500)
+        // IPv4 20 + UDP 8, or IPv6 40 + UDP 8.
+        .saturating_sub(if config.underlay_ip.is_ipv4() { 28 } else { 48 });
+    // Worker k owns WireGuard port base + k: a peer reaches a connection's
+    // session directly on the thread that holds it.
+    let mut handles = Vec::with_capacity(workers);
+    let mut joins = Vec::with_capacity(workers);
+    for k in 0..workers {
+        let started = start_worker(&config, k, workers, max_udp_payload);
+        match started {
+            Ok((handle, join)) => {
+                handles.push(handle);
+                joins.push(join);
+            }
+            Err(e) => {
+                // Threads already running would keep their sockets.
+                for h in &handles {
+                    h.stop();
+                }
+                return Err(e);
+            }
+        }
+    }
     let addr = SocketAddr::new(config.underlay_ip, config.wireguard_port);
-    let udp = bind_wireguard(addr, config.socket_buffer)
-        .map_err(|source| RunError::Socket { addr, source })?;
-    let dp = Dataplane::new(DataplaneConfig {
-        max_ports: config.max_ports,
-        ..DataplaneConfig::default()
-    });
-    let (worker, join) = worker::spawn(
-        dp,
-        udp,
-        worker::WorkerConfig {
-            batch: usize::from(config.batch),
-            udp_gso: !config.no_udp_gso,
-            tun_gro: !config.no_tun_gro,
-            // IPv4 20 + UDP 8, or IPv6 40 + UDP 8.
-            max_udp_payload: usize::try_from(underlay_mtu)
-                .unwrap_or(1500)
-                .saturating_sub(if config.underlay_ip.is_ipv4() { 28 } else { 48 }),
-            ..worker::WorkerConfig::default()
-        },
-    )
-    .map_err(RunError::Worker)?;
 
     let identity = service::Identity {
         name: config.name.clone(),
@@ -245,7 +294,7 @@ pub async fn run(
         wireguard_port: config.wireguard_port,
         underlay_mtu,
     };
-    let svc = service::ForwarderService::new(identity, worker.clone());
+    let svc = service::ForwarderService::new(identity, handles.clone());
     svc.spawn_state_monitor(std::time::Duration::from_secs(1));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, svc.clone())));
     // With an identity the API socket speaks mTLS to managers only.
@@ -271,6 +320,7 @@ pub async fn run(
         name = %config.name,
         listen = %config.listen.display(),
         wireguard = %addr,
+        workers,
         underlay_mtu,
         "forwarder ready"
     );
@@ -308,8 +358,15 @@ pub async fn run(
     }
     tracing::info!("shutting down: removing every cross-connect");
     svc.remove_all().await;
-    worker.stop();
-    let _ = tokio::task::spawn_blocking(move || join.join()).await;
+    for h in &handles {
+        h.stop();
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        for j in joins {
+            let _ = j.join();
+        }
+    })
+    .await;
     let _ = std::fs::remove_file(&config.listen);
     served.map_err(RunError::Serve)
 }

@@ -1,6 +1,7 @@
 //! TUN offloads: the `virtio_net_hdr` in front of each packet of a TUN
 //! opened with `IFF_VNET_HDR`, TCP segmentation of the superpackets the pod's
-//! kernel hands us, and checksum completion.
+//! kernel hands us, checksum completion, and coalescing (TCP and UDP) of
+//! what we write back ([`Gro`]).
 //!
 //! # Why
 //! With `TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)` the pod's TCP
@@ -25,6 +26,12 @@ const F_DATA_VALID: u8 = 2;
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
+/// `VIRTIO_NET_HDR_GSO_UDP_L4`: a run of UDP datagrams of `gso_size`
+/// payload bytes each (the last may be shorter) behind one header.
+const GSO_UDP_L4: u8 = 5;
+/// Most datagrams joined into one UDP superpacket: the kernel's own UDP
+/// GSO limit was 64 before it became 128.
+const MAX_UDP_SEGMENTS: usize = 64;
 const GSO_ECN: u8 = 0x80;
 
 const TCP_FIN: u8 = 0x01;
@@ -252,6 +259,15 @@ fn segment_tcp(
 /// written with one syscall and a GSO header. The pod's kernel then runs
 /// its TCP receive path once per superpacket instead of once per segment.
 ///
+/// UDP likewise: consecutive datagrams of one flow (same addresses and
+/// ports), every one but the last of the first one's size, become one
+/// `GSO_UDP_L4` superpacket. The pod's kernel routes it once and cuts it
+/// back into the same datagrams at the socket, so one `writev` and one
+/// trip through IP replace one per datagram. A datagram whose UDP checksum
+/// is wrong is never joined (the superpacket's checksums are computed
+/// anew, which would hide the error): it goes out alone and the pod's
+/// kernel drops it as it would have.
+///
 /// Only the plain case is joined: IPv4 without options or IPv6 without
 /// extension headers, TCP with ACK (and PSH on the last segment) only,
 /// identical headers apart from length, id, sequence number and
@@ -270,6 +286,8 @@ pub(crate) struct Gro {
     ip_hlen: usize,
     tcp_hlen: usize,
     v6: bool,
+    /// The pending run is UDP datagrams (`tcp_hlen` is then 8).
+    udp: bool,
     /// The last segment was shorter than `mss` or had PSH: no more joins.
     closed: bool,
 }
@@ -286,6 +304,7 @@ impl Gro {
             ip_hlen: 0,
             tcp_hlen: 0,
             v6: false,
+            udp: false,
             closed: true,
         }
     }
@@ -299,12 +318,69 @@ impl Gro {
         pkt: &[u8],
         write: &mut impl FnMut(u32, &[u8], &[u8]),
     ) {
-        let Some(seg) = TcpSeg::parse(pkt) else {
+        if let Some(seg) = TcpSeg::parse(pkt) {
+            self.push_tcp(port, pkt, &seg, write);
+        } else if let Some(d) = UdpDatagram::parse(pkt) {
+            self.push_udp(port, pkt, &d, write);
+        } else {
             self.flush(write);
             write_plain(port, pkt, write);
+        }
+    }
+
+    fn push_udp(
+        &mut self,
+        port: u32,
+        pkt: &[u8],
+        d: &UdpDatagram,
+        write: &mut impl FnMut(u32, &[u8], &[u8]),
+    ) {
+        let payload = &pkt[d.ip_hlen + 8..d.total];
+        let valid = d.checksum_ok(pkt);
+        if self.len > 0
+            && valid
+            && self.udp
+            && !self.closed
+            && port == self.port
+            && d.v6 == self.v6
+            && !payload.is_empty()
+            && payload.len() <= self.mss
+            && self.segments < MAX_UDP_SEGMENTS
+            && self.len + payload.len() <= self.buf.len()
+            && same_udp_headers(&self.buf[VNET_HDR_LEN..self.len], pkt, d.ip_hlen, d.v6)
+        {
+            let end = self.len + payload.len();
+            self.buf[self.len..end].copy_from_slice(payload);
+            self.len = end;
+            self.segments += 1;
+            self.closed = payload.len() < self.mss;
             return;
-        };
-        if self.len > 0 && self.joins(port, pkt, &seg) {
+        }
+        self.flush(write);
+        if !valid || payload.is_empty() {
+            write_plain(port, pkt, write);
+            return;
+        }
+        self.buf[VNET_HDR_LEN..VNET_HDR_LEN + d.total].copy_from_slice(&pkt[..d.total]);
+        self.len = VNET_HDR_LEN + d.total;
+        self.port = port;
+        self.segments = 1;
+        self.mss = payload.len();
+        self.ip_hlen = d.ip_hlen;
+        self.tcp_hlen = 8;
+        self.v6 = d.v6;
+        self.udp = true;
+        self.closed = false;
+    }
+
+    fn push_tcp(
+        &mut self,
+        port: u32,
+        pkt: &[u8],
+        seg: &TcpSeg,
+        write: &mut impl FnMut(u32, &[u8], &[u8]),
+    ) {
+        if self.len > 0 && self.joins(port, pkt, seg) {
             let payload = &pkt[seg.hl..seg.total];
             let end = self.len + payload.len();
             self.buf[self.len..end].copy_from_slice(payload);
@@ -336,6 +412,7 @@ impl Gro {
         self.ip_hlen = seg.ip_hlen;
         self.tcp_hlen = seg.hl - seg.ip_hlen;
         self.v6 = seg.v6;
+        self.udp = false;
         self.closed = seg.flags & TCP_PSH != 0;
     }
 
@@ -343,6 +420,7 @@ impl Gro {
         let payload_len = seg.total - seg.hl;
         let held = &self.buf[VNET_HDR_LEN..self.len];
         !self.closed
+            && !self.udp
             && port == self.port
             && seg.v6 == self.v6
             && seg.ip_hlen == self.ip_hlen
@@ -380,22 +458,36 @@ impl Gro {
             p[10..12].copy_from_slice(&c.to_be_bytes());
         }
         // Partial checksum: the pseudo-header sum, not inverted; the
-        // kernel adds the rest (VIRTIO_NET_HDR_F_NEEDS_CSUM).
-        let tcp_len = u64::try_from(pkt_len - ip_hlen).unwrap_or(0);
-        let pseudo = if self.v6 {
-            sum(&p[8..40], 0) + u64::from(PROTO_TCP) + tcp_len
+        // kernel adds the rest (VIRTIO_NET_HDR_F_NEEDS_CSUM). For UDP the
+        // length field covers the whole run: the kernel rewrites it, and
+        // adjusts the checksum to match, in each datagram it cuts.
+        let l4_len = pkt_len - ip_hlen;
+        let (proto, check_at) = if self.udp {
+            let ul = u16::try_from(l4_len).unwrap_or(u16::MAX);
+            p[ip_hlen + 4..ip_hlen + 6].copy_from_slice(&ul.to_be_bytes());
+            (PROTO_UDP, ip_hlen + 6)
         } else {
-            sum(&p[12..20], 0) + u64::from(PROTO_TCP) + tcp_len
+            (PROTO_TCP, ip_hlen + 16)
         };
-        p[ip_hlen + 16..ip_hlen + 18].copy_from_slice(&fold(pseudo).to_be_bytes());
+        let l4_len = u64::try_from(l4_len).unwrap_or(0);
+        let pseudo = if self.v6 {
+            sum(&p[8..40], 0) + u64::from(proto) + l4_len
+        } else {
+            sum(&p[12..20], 0) + u64::from(proto) + l4_len
+        };
+        p[check_at..check_at + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
         let h = &mut self.buf[..VNET_HDR_LEN];
         h[0] = F_NEEDS_CSUM;
-        h[1] = if self.v6 { GSO_TCPV6 } else { GSO_TCPV4 };
+        h[1] = match (self.udp, self.v6) {
+            (true, _) => GSO_UDP_L4,
+            (false, true) => GSO_TCPV6,
+            (false, false) => GSO_TCPV4,
+        };
         let u = |v: usize| u16::try_from(v).unwrap_or(u16::MAX).to_ne_bytes();
         h[2..4].copy_from_slice(&u(hl));
         h[4..6].copy_from_slice(&u(self.mss));
         h[6..8].copy_from_slice(&u(ip_hlen));
-        h[8..10].copy_from_slice(&u(16));
+        h[8..10].copy_from_slice(&u(check_at - ip_hlen));
         write(
             port,
             &self.buf[..VNET_HDR_LEN],
@@ -464,6 +556,79 @@ impl TcpSeg {
             flags: pkt[ip_hlen + 13],
         })
     }
+}
+
+/// Offsets of a UDP datagram GRO may join: IPv4 without options or
+/// fragmentation, or IPv6 without extension headers, whose UDP length
+/// matches the IP length.
+struct UdpDatagram {
+    v6: bool,
+    ip_hlen: usize,
+    /// IP header + UDP length: the bytes of `pkt` that are the datagram.
+    total: usize,
+}
+
+impl UdpDatagram {
+    fn parse(pkt: &[u8]) -> Option<Self> {
+        let v6 = match pkt.first()? >> 4 {
+            4 => false,
+            6 => true,
+            _ => return None,
+        };
+        let (ip_hlen, total) = if v6 {
+            if pkt.len() < 48 || pkt[6] != PROTO_UDP {
+                return None;
+            }
+            (40, 40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])))
+        } else {
+            // No options; not a fragment (MF clear, offset 0).
+            if pkt.len() < 28
+                || pkt[0] != 0x45
+                || pkt[9] != PROTO_UDP
+                || pkt[6] & 0x3f != 0
+                || pkt[7] != 0
+            {
+                return None;
+            }
+            (20, usize::from(u16::from_be_bytes([pkt[2], pkt[3]])))
+        };
+        let udp_len = usize::from(u16::from_be_bytes([pkt[ip_hlen + 4], pkt[ip_hlen + 5]]));
+        if total > pkt.len() || udp_len < 8 || ip_hlen + udp_len != total {
+            return None;
+        }
+        Some(UdpDatagram { v6, ip_hlen, total })
+    }
+
+    /// The UDP checksum verifies (or is absent: 0 over IPv4).
+    fn checksum_ok(&self, pkt: &[u8]) -> bool {
+        let t = self.ip_hlen;
+        if !self.v6 && pkt[t + 6..t + 8] == [0, 0] {
+            return true;
+        }
+        let len = u64::try_from(self.total - t).unwrap_or(0);
+        let pseudo = if self.v6 {
+            sum(&pkt[8..40], 0)
+        } else {
+            sum(&pkt[12..20], 0)
+        } + u64::from(PROTO_UDP)
+            + len;
+        fold(sum(&pkt[t..self.total], pseudo)) == 0xffff
+    }
+}
+
+/// Whether two UDP datagrams' headers agree on everything but length, id
+/// and checksums.
+fn same_udp_headers(a: &[u8], b: &[u8], ip_hlen: usize, v6: bool) -> bool {
+    let hl = ip_hlen + 8;
+    if a.len() < hl || b.len() < hl {
+        return false;
+    }
+    let ip_same = if v6 {
+        a[0..4] == b[0..4] && a[6..40] == b[6..40]
+    } else {
+        a[1] == b[1] && a[6..10] == b[6..10] && a[12..20] == b[12..20]
+    };
+    ip_same && a[ip_hlen..ip_hlen + 4] == b[ip_hlen..ip_hlen + 4]
 }
 
 /// Whether two segments' headers agree on everything but length, id,
@@ -634,5 +799,175 @@ mod tests {
         gro.push(2, &segs[1], &mut w);
         gro.flush(&mut w);
         assert_eq!(n, 3);
+    }
+
+    fn udp_v4(sport: u16, payload: &[u8]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ipv4([198, 51, 100, 1], [198, 51, 100, 2], 64)
+            .udp(sport, 5300);
+        let mut v = Vec::new();
+        b.write(&mut v, payload).expect("build");
+        v
+    }
+
+    fn udp_v6(payload: &[u8]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ipv6(
+            [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            64,
+        )
+        .udp(40000, 5300);
+        let mut v = Vec::new();
+        b.write(&mut v, payload).expect("build");
+        v
+    }
+
+    /// What the pod's kernel does with a `GSO_UDP_L4` write: cut the
+    /// payload into `gso_size` pieces, each with the headers, its own
+    /// lengths, and the checksum completed.
+    fn kernel_cut(h: &VnetHdr, b: &[u8]) -> Vec<Vec<u8>> {
+        let ip_hlen = usize::from(h.csum_start);
+        let hl = ip_hlen + 8;
+        let v6 = b[0] >> 4 == 6;
+        b[hl..]
+            .chunks(usize::from(h.gso_size))
+            .map(|chunk| {
+                let mut p = b[..hl].to_vec();
+                p.extend_from_slice(chunk);
+                let l4 = u16::try_from(8 + chunk.len()).expect("small");
+                p[ip_hlen + 4..ip_hlen + 6].copy_from_slice(&l4.to_be_bytes());
+                if v6 {
+                    p[4..6].copy_from_slice(&l4.to_be_bytes());
+                } else {
+                    let tl = u16::try_from(p.len()).expect("small");
+                    p[2..4].copy_from_slice(&tl.to_be_bytes());
+                    p[10..12].copy_from_slice(&[0, 0]);
+                    let c = !fold(sum(&p[..20], 0));
+                    p[10..12].copy_from_slice(&c.to_be_bytes());
+                }
+                let pseudo = if v6 {
+                    sum(&p[8..40], 0)
+                } else {
+                    sum(&p[12..20], 0)
+                } + u64::from(PROTO_UDP)
+                    + u64::from(l4);
+                p[ip_hlen + 6..ip_hlen + 8].copy_from_slice(&fold(pseudo).to_be_bytes());
+                complete_checksum(&mut p, ip_hlen, 6).expect("completes");
+                p
+            })
+            .collect()
+    }
+
+    fn gro_all(pkts: &[Vec<u8>]) -> Vec<(u32, Vec<u8>, Vec<u8>)> {
+        let mut gro = Gro::new();
+        let mut writes: Vec<(u32, Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut w = |p: u32, h: &[u8], b: &[u8]| writes.push((p, h.to_vec(), b.to_vec()));
+        for p in pkts {
+            gro.push(3, p, &mut w);
+        }
+        gro.flush(&mut w);
+        writes
+    }
+
+    #[test]
+    fn udp_gro_joins_a_flow_and_the_kernel_cut_gives_it_back() {
+        for v6 in [false, true] {
+            let sizes = [1000usize, 1000, 1000, 377];
+            let pkts: Vec<Vec<u8>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let payload: Vec<u8> = (0..*n)
+                        .map(|j| u8::try_from((i * 7 + j) % 251).expect("< 251"))
+                        .collect();
+                    if v6 {
+                        udp_v6(&payload)
+                    } else {
+                        udp_v4(40000, &payload)
+                    }
+                })
+                .collect();
+            let writes = gro_all(&pkts);
+            assert_eq!(writes.len(), 1, "one superpacket (v6: {v6})");
+            let (port, h, b) = &writes[0];
+            assert_eq!(*port, 3);
+            let hdr = VnetHdr::parse(h).expect("header");
+            let ip_hlen = if v6 { 40 } else { 20 };
+            assert_eq!(hdr.gso_type, GSO_UDP_L4);
+            assert_eq!(hdr.gso_size, 1000);
+            assert_eq!(hdr.flags, F_NEEDS_CSUM);
+            assert_eq!((hdr.csum_start, hdr.csum_offset), (ip_hlen, 6));
+            assert_eq!(
+                kernel_cut(&hdr, b),
+                pkts,
+                "the kernel's cut gives back every datagram, checksums included"
+            );
+        }
+    }
+
+    #[test]
+    fn udp_gro_keeps_flows_bad_checksums_and_bigger_datagrams_apart() {
+        let a = udp_v4(40000, &[1; 500]);
+        let other_flow = udp_v4(40001, &[2; 500]);
+        let bigger = udp_v4(40000, &[3; 600]);
+        let mut bad = udp_v4(40000, &[4; 500]);
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        let writes = gro_all(&[
+            a.clone(),
+            a.clone(),
+            other_flow.clone(),
+            bigger.clone(),
+            bad.clone(),
+            a.clone(),
+        ]);
+        let shapes: Vec<(u8, usize)> = writes
+            .iter()
+            .map(|(_, h, b)| (VnetHdr::parse(h).expect("hdr").gso_type, b.len()))
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                (GSO_UDP_L4, a.len() + 500),
+                (GSO_NONE, other_flow.len()),
+                (GSO_NONE, bigger.len()),
+                (GSO_NONE, bad.len()),
+                (GSO_NONE, a.len()),
+            ],
+            "only the first two join; order is kept"
+        );
+        assert_eq!(writes[3].2, bad, "a bad checksum goes out as it came");
+        // A shorter datagram ends a run: nothing joins after it.
+        let short = udp_v4(40000, &[5; 100]);
+        let writes = gro_all(&[a.clone(), short.clone(), a.clone()]);
+        assert_eq!(writes.len(), 2);
+        assert_eq!(writes[0].2.len(), a.len() + 100);
+        // At most MAX_UDP_SEGMENTS per superpacket.
+        let tiny = udp_v4(40000, &[6; 10]);
+        let many = vec![tiny; MAX_UDP_SEGMENTS + 1];
+        let writes = gro_all(&many);
+        assert_eq!(writes.len(), 2);
+        assert_eq!(writes[1].2.len(), 38, "the extra one alone");
+    }
+
+    #[test]
+    fn udp_fragments_and_garbage_are_not_joined() {
+        let mut frag = udp_v4(40000, &[1; 500]);
+        frag[6] |= 0x20; // MF
+        assert!(UdpDatagram::parse(&frag).is_none());
+        let mut lying = udp_v4(40000, &[1; 500]);
+        lying[25] = lying[25].wrapping_add(4); // UDP length != IP length
+        assert!(UdpDatagram::parse(&lying).is_none());
+        let mut state = 0x1234_5678_u32;
+        for len in 0..200 {
+            let junk: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    u8::try_from(state & 0xff).expect("byte")
+                })
+                .collect();
+            let _ = gro_all(&[junk.clone(), junk]);
+        }
     }
 }

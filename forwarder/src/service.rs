@@ -4,9 +4,14 @@
 //! The registry is control-plane state only: what the manager asked for,
 //! which pod devices (ports) and keys belong to each cross-connect. Program
 //! and Remove hold its lock for their whole run, so they apply one at a
-//! time and in order; the packet thread never waits for it, because every
+//! time and in order; the packet threads never wait for it, because every
 //! change reaches the data plane as a closure run between two batches
 //! ([`WorkerHandle::call`]).
+//!
+//! Workers: each packet thread owns a shard of the cross-connects (its own
+//! `Dataplane`, its own WireGuard socket on port `--wireguard-port + k`).
+//! A new cross-connect goes to the worker with the fewest; it stays there
+//! across updates, and its status tells the peer which port to send to.
 //!
 //! Program either completes or leaves nothing behind: each step that made
 //! something (a device, a port, a cross-connect) is undone, in reverse,
@@ -62,7 +67,7 @@ pub struct Identity {
     pub name: String,
     /// Underlay address.
     pub underlay_ip: IpAddr,
-    /// WireGuard UDP port.
+    /// WireGuard UDP port of worker 0; worker k listens on this + k.
     pub wireguard_port: u16,
     /// Underlay MTU, bytes.
     pub underlay_mtu: u32,
@@ -106,6 +111,9 @@ struct Entry {
     /// The chain in force in the data plane (`None` while not programmed
     /// there); its mirror drains run as long as it is kept.
     chain: Option<chain::Installed>,
+    /// The packet thread that owns this cross-connect (index into
+    /// `Shared::workers`).
+    worker: usize,
 }
 
 #[derive(Debug, Default)]
@@ -131,7 +139,8 @@ impl Registry {
 #[derive(Debug)]
 struct Shared {
     identity: Identity,
-    worker: WorkerHandle,
+    /// One per packet thread; worker k owns WireGuard port base + k.
+    workers: Vec<WorkerHandle>,
     registry: Mutex<Registry>,
     events: broadcast::Sender<pb::CrossConnectEvent>,
     /// Set on shutdown: ends Watch streams, which would otherwise keep
@@ -149,13 +158,18 @@ pub struct ForwarderService {
 }
 
 impl ForwarderService {
-    /// A service programming the packet thread behind `worker`.
-    pub fn new(identity: Identity, worker: WorkerHandle) -> Self {
+    /// A service programming the packet threads behind `workers` (at least
+    /// one; worker k serves WireGuard on `identity.wireguard_port + k`).
+    ///
+    /// # Panics
+    /// When `workers` is empty.
+    pub fn new(identity: Identity, workers: Vec<WorkerHandle>) -> Self {
+        assert!(!workers.is_empty(), "a forwarder needs a packet thread");
         let (events, _) = broadcast::channel(1024);
         ForwarderService {
             shared: Arc::new(Shared {
                 identity,
-                worker,
+                workers,
                 registry: Mutex::new(Registry::default()),
                 events,
                 shutdown: tokio::sync::watch::Sender::new(false),
@@ -214,6 +228,24 @@ impl ForwarderService {
         self.shared.shutdown.send_replace(true);
     }
 
+    /// The packet thread of worker `i`.
+    fn worker(&self, i: usize) -> &WorkerHandle {
+        // Entries only hold indices below the count, fixed at start.
+        &self.shared.workers[i.min(self.shared.workers.len() - 1)]
+    }
+
+    /// The worker owning the fewest cross-connects (the lowest index on a
+    /// tie, so a lone connection always gets the first port).
+    fn least_loaded(&self, reg: &Registry) -> usize {
+        let mut load = vec![0usize; self.shared.workers.len()];
+        for e in reg.entries.values() {
+            if let Some(n) = load.get_mut(e.worker) {
+                *n += 1;
+            }
+        }
+        (0..load.len()).min_by_key(|&i| (load[i], i)).unwrap_or(0)
+    }
+
     /// Removes every cross-connect (used on shutdown).
     pub async fn remove_all(&self) {
         let ids: Vec<String> = self
@@ -257,8 +289,7 @@ impl ForwarderService {
         let ports_c = ports.clone();
         // The chain comes back to be dropped here, off the packet thread.
         let r = self
-            .shared
-            .worker
+            .worker(entry.worker)
             .call(move |core| {
                 let chain = core.dp.remove_xconnect(&id_owned).ok();
                 let mut delays = Vec::new();
@@ -327,6 +358,14 @@ impl ForwarderService {
         let mtu = plan.effective_mtu(self.shared.identity.derived_mtu());
         let (new_chain, installed, delay) = build_chain(&plan.chain, &id, mtu).await?;
 
+        // A cross-connect keeps its worker for life: its session and
+        // devices live there.
+        let w = match reg.entries.get(&id) {
+            Some(e) => e.worker,
+            None => self.least_loaded(&reg),
+        };
+        let worker = self.worker(w).clone();
+
         // An update that changes a pod side is carried out as remove +
         // create; one that only changes a WireGuard side (typically: the
         // peer's key arrives) keeps the devices and the session state.
@@ -383,23 +422,21 @@ impl ForwarderService {
             let created = match pod::create(k, mtu, &id).await {
                 Ok(c) => c,
                 Err(e) => {
-                    self.undo_ports(&mut reg, &made).await;
+                    self.undo_ports(&mut reg, w, &made).await;
                     return Err(self.failed_update(existed, &id, e).await);
                 }
             };
             let port = reg.alloc_port();
             let kind = port_kind(k, port);
             let (fd, offload) = (created.fd, created.offload);
-            let added = self
-                .shared
-                .worker
+            let added = worker
                 .call(move |core| core.add_port(port, kind, fd, offload))
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r);
             if let Err(e) = added {
                 reg.free_port(port);
-                self.undo_ports(&mut reg, &made).await;
+                self.undo_ports(&mut reg, w, &made).await;
                 let e = Refusal::new(
                     tonic::Code::Internal,
                     format!("registering interface {}: {e}", k.name),
@@ -417,7 +454,7 @@ impl ForwarderService {
         let spec = match build_spec(&plan, &pods, key.as_ref(), mtu, a_is_source) {
             Ok(s) => s,
             Err(e) => {
-                self.undo_ports(&mut reg, &all_ports).await;
+                self.undo_ports(&mut reg, w, &all_ports).await;
                 return Err(self.failed_update(existed, &id, e).await);
             }
         };
@@ -429,9 +466,7 @@ impl ForwarderService {
         // old ones, or the new ones unused) is dropped here, off the packet
         // thread.
         let a_port = pods[if a_is_source { 0 } else { 1 }].map(|p| p.port);
-        let (result, _unused_chain, _unused_delay) = self
-            .shared
-            .worker
+        let (result, _unused_chain, _unused_delay) = worker
             .call(move |core| match spec {
                 Some(spec) => {
                     let is_wg = matches!(spec.b, FarEnd::Wireguard(_));
@@ -464,12 +499,10 @@ impl ForwarderService {
             Ok(c) => c.or(prev_counters),
             Err(e) => {
                 let id_c = id.clone();
-                let _ = self
-                    .shared
-                    .worker
+                let _ = worker
                     .call(move |core| core.dp.remove_xconnect(&id_c).map(drop))
                     .await;
-                self.undo_ports(&mut reg, &all_ports).await;
+                self.undo_ports(&mut reg, w, &all_ports).await;
                 let e = Refusal::new(tonic::Code::FailedPrecondition, e.to_string());
                 return Err(self.failed_update(existed, &id, e).await);
             }
@@ -486,6 +519,7 @@ impl ForwarderService {
                 mtu,
                 a_is_source,
                 chain: programmed.then_some(installed),
+                worker: w,
             },
         );
         let st = self.statuses(&reg, std::slice::from_ref(&id)).await;
@@ -538,8 +572,7 @@ impl ForwarderService {
         // Chain and delay change together, between two batches; what they
         // replace comes back to be dropped here.
         let (old_chain, old_delay) = self
-            .shared
-            .worker
+            .worker(entry.worker)
             .call(move |core| {
                 let old = core.dp.set_chain(&id_c, new_chain);
                 let old_delay = match (&old, a_port) {
@@ -595,13 +628,12 @@ impl ForwarderService {
         err
     }
 
-    /// Forgets ports made by a Program that then failed (closing them
-    /// deletes their devices).
-    async fn undo_ports(&self, reg: &mut Registry, ports: &[PortId]) {
+    /// Forgets ports made on worker `w` by a Program that then failed
+    /// (closing them deletes their devices).
+    async fn undo_ports(&self, reg: &mut Registry, w: usize, ports: &[PortId]) {
         let ps = ports.to_vec();
         let _ = self
-            .shared
-            .worker
+            .worker(w)
             .call(move |core| {
                 for p in ps.into_iter().rev() {
                     core.remove_port(p);
@@ -625,32 +657,43 @@ impl ForwarderService {
         if entries.is_empty() {
             return Vec::new();
         }
-        // One trip to the packet thread for all of them: WireGuard state
-        // (boringtun's, behind its lock: not readable from here) and
+        // One trip to each packet thread for all of its entries: WireGuard
+        // state (kept on the packet thread, not readable from here) and
         // whether a device died under us.
-        let query: Vec<(String, bool, Vec<PortId>)> = entries
-            .iter()
-            .map(|(id, e)| {
-                let wg = e.counters.is_some() && e.key.is_some();
-                let ports = e.pods.iter().flatten().map(|p| p.port).collect();
-                ((*id).clone(), wg, ports)
-            })
-            .collect();
         let now = Instant::now();
-        let live: Vec<(Option<XconnStatus>, bool)> = self
-            .shared
-            .worker
-            .call(move |core| {
-                query
-                    .iter()
-                    .map(|(id, wg, ports)| {
-                        let st = if *wg { core.dp.status(id, now) } else { None };
-                        (st, ports.iter().any(|p| core.is_dead(*p)))
-                    })
-                    .collect()
-            })
-            .await
-            .unwrap_or_default();
+        let mut live: Vec<(Option<XconnStatus>, bool)> = vec![(None, false); entries.len()];
+        for (w, handle) in self.shared.workers.iter().enumerate() {
+            let query: Vec<(usize, String, bool, Vec<PortId>)> = entries
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, e))| e.worker == w)
+                .map(|(i, (id, e))| {
+                    let wg = e.counters.is_some() && e.key.is_some();
+                    let ports = e.pods.iter().flatten().map(|p| p.port).collect();
+                    (i, (*id).clone(), wg, ports)
+                })
+                .collect();
+            if query.is_empty() {
+                continue;
+            }
+            let answers = handle
+                .call(move |core| {
+                    query
+                        .iter()
+                        .map(|(i, id, wg, ports)| {
+                            let st = if *wg { core.dp.status(id, now) } else { None };
+                            (*i, st, ports.iter().any(|p| core.is_dead(*p)))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+            for (i, st, dead) in answers {
+                if let Some(slot) = live.get_mut(i) {
+                    *slot = (st, dead);
+                }
+            }
+        }
         let wall = SystemTime::now();
         let ident = &self.shared.identity;
         entries
@@ -872,7 +915,7 @@ fn status_of(
             .map(|k| keys::format_public(&k.public()))
             .unwrap_or_default(),
         wireguard_port: if wg {
-            u32::from(ident.wireguard_port)
+            u32::from(ident.wireguard_port) + u32::try_from(e.worker).unwrap_or(0)
         } else {
             0
         },

@@ -2,18 +2,20 @@
 //! WireGuard UDP socket, and moves packets between them in batches.
 //!
 //! # Model
-//! One thread, one level-triggered epoll set over: an eventfd (control
-//! messages), the UDP socket, and each pod device. Nothing else touches the
+//! One thread per worker, each with one level-triggered epoll set over: an
+//! eventfd (control messages), its own UDP socket, and each pod device of
+//! the cross-connects it owns (the service shards them; see `service`). Nothing else touches the
 //! `Dataplane`, so it needs no lock: the gRPC side sends a closure through a
 //! channel and writes the eventfd (firecracker's `VmmAction` + `EventFd`),
 //! and the worker runs it between two batches, which makes every
 //! reprogramming atomic with respect to packets. WireGuard timers run from
 //! the epoll timeout every [`TICK`].
 //!
-//! One thread for both directions, no hand-offs: the REFERENCE measurements
-//! show thread wake-ups and copies, not the cipher, limit userspace
-//! WireGuard, and boringtun doubled its throughput going from 4 threads to
-//! 1.
+//! Within a worker, one thread for both directions, no hand-offs: the
+//! REFERENCE measurements show thread wake-ups and copies, not the cipher,
+//! limit userspace WireGuard, and boringtun doubled its throughput going
+//! from 4 threads to 1. More connections use more cores; one connection
+//! never pays for a cross-thread hand-off.
 //!
 //! # Per wake-up
 //! - UDP readable: `recvmmsg` up to `batch` messages into fixed buffers.
@@ -21,8 +23,8 @@
 //!   (typically one GSO send of the peer forwarder); each datagram goes
 //!   through [`Dataplane::from_underlay`]. Decrypted packets go to their
 //!   pod device, through `offload::Gro` for offloading TUNs, which joins
-//!   consecutive TCP segments of a flow into one superpacket and one
-//!   `writev`. Repeated at most `max_batches_per_wake` times so that one
+//!   consecutive TCP segments, or UDP datagrams, of a flow into one
+//!   superpacket and one `writev`. Repeated at most `max_batches_per_wake` times so that one
 //!   busy peer cannot starve the pods.
 //! - Pod device readable: up to `batch` reads. An offloading TUN may return
 //!   a 64 KB TCP superpacket, cut into MTU-sized segments in a scratch
@@ -460,11 +462,13 @@ impl WorkerHandle {
     }
 }
 
-/// Starts the packet thread over `udp`.
+/// Starts packet thread number `index` (its name: `nsm-packet-INDEX`)
+/// over `udp`.
 ///
 /// # Errors
 /// When epoll or the eventfd cannot be created or the thread not spawned.
 pub fn spawn(
+    index: usize,
     dp: Dataplane,
     udp: UdpSocket,
     config: WorkerConfig,
@@ -495,7 +499,7 @@ pub fn spawn(
         stop: false,
     };
     let join = std::thread::Builder::new()
-        .name("nsm-packet".into())
+        .name(format!("nsm-packet-{index}"))
         .spawn(move || {
             let mut w = Worker::new(core, udp, wake, rx, config, io);
             w.run();

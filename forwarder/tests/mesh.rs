@@ -866,3 +866,246 @@ fn ipv6_underlay() {
         .expect("write");
     assert!(t.join().expect("server") == data);
 }
+
+/// `--workers 3`: connections spread over the packet threads, one per
+/// thread while they are equally loaded, each reached on its own port
+/// (51820 + k) by the peer; traffic crosses on all of them at once, and
+/// a new connection fills the thread a removed one left.
+#[test]
+fn connections_spread_over_workers() {
+    require_root();
+    let (na, nb) = two_nodes();
+    let (pa, pb_) = (Netns::new(), Netns::new());
+    let fa = Forwarder::start(&na, "node-a", "192.0.2.1", &["--workers", "3"]);
+    let fb = Forwarder::start(&nb, "node-b", "192.0.2.2", &["--workers", "3"]);
+    let threads = |pid: u32| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("tasks")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .filter(|c| c.starts_with("nsm-packet"))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        threads(fa.pid()),
+        ["nsm-packet-0", "nsm-packet-1", "nsm-packet-2"],
+        "one named packet thread per worker"
+    );
+    // Connection i: pod addresses 198.51.100.(10+i) <-> 203.0.113.(10+i).
+    let side = |pod: &Netns, i: usize, here: &str, there: &str| {
+        kernel(
+            pod,
+            &format!("nsm-{i}"),
+            &[&format!("{here}.{}/32", 10 + i)],
+            &[&format!("{there}.{}/32", 10 + i)],
+        )
+    };
+    let rt = current_thread_rt();
+    let connect = |i: usize| -> (u32, u32) {
+        rt.block_on(async {
+            let (mut ca, mut cb) = (fa.client().await, fb.client().await);
+            let (a, b) = connect_pair(
+                &mut ca,
+                &mut cb,
+                &format!("w{i}"),
+                side(&pa, i, "198.51.100", "203.0.113"),
+                side(&pb_, i, "203.0.113", "198.51.100"),
+            )
+            .await;
+            (a.wireguard_port, b.wireguard_port)
+        })
+    };
+    let ports: Vec<(u32, u32)> = (0..3).map(connect).collect();
+    assert_eq!(
+        ports,
+        [(51820, 51820), (51821, 51821), (51822, 51822)],
+        "one connection per worker, each on its worker's port"
+    );
+
+    let cap = Capture::start(&na, "eth0");
+    for i in 0..3 {
+        let dst = ip(&format!("203.0.113.{}", 10 + i));
+        assert!(pa.ping(dst, WAIT), "ping over w{i}\n{}", fa.log_text());
+    }
+    // All three at once: one TCP stream each, 256 KiB echoed back.
+    let data: Vec<u8> = (0..=255u8).cycle().take(256 << 10).collect();
+    let streams: Vec<_> = (0..3)
+        .map(|i| {
+            let at = sa(&format!("203.0.113.{}:7100", 10 + i));
+            let l = pb_.tcp_listen(at);
+            let server = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().expect("accept");
+                let mut buf = vec![0; 256 << 10];
+                s.read_exact(&mut buf).expect("server read");
+                s.write_all(&buf).expect("server write");
+            });
+            let c = pa.tcp_connect(at);
+            c.set_read_timeout(Some(WAIT)).expect("timeout");
+            (c, server)
+        })
+        .collect();
+    let clients: Vec<_> = streams
+        .into_iter()
+        .map(|(mut c, server)| {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                c.write_all(&data).expect("client write");
+                let mut back = vec![0; data.len()];
+                c.read_exact(&mut back).expect("client read");
+                server.join().expect("server");
+                back == data
+            })
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        assert!(
+            c.join().expect("client"),
+            "stream over w{i} came back intact"
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for f in cap.finish() {
+        if u16::from_be_bytes([f[12], f[13]]) == 0x0800 && f[14 + 9] == 17 {
+            let udp = &f[14 + usize::from(f[14] & 0x0f) * 4..];
+            let sport = u16::from_be_bytes([udp[0], udp[1]]);
+            let dport = u16::from_be_bytes([udp[2], udp[3]]);
+            assert_eq!(sport, dport, "each worker talks to its peer worker");
+            seen.insert(sport);
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        [51820, 51821, 51822],
+        "WireGuard crossed on every worker's port"
+    );
+
+    // Worker 1 loses its connection; the next one goes there.
+    rt.block_on(async {
+        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
+        for c in [&mut ca, &mut cb] {
+            c.remove(pb::RemoveRequest { id: "w1".into() })
+                .await
+                .expect("remove");
+        }
+    });
+    assert_eq!(connect(3), (51821, 51821), "the least loaded worker");
+    assert!(pa.ping(ip("203.0.113.13"), WAIT), "ping over w3");
+    assert!(pa.ping(ip("203.0.113.10"), WAIT), "w0 unaffected");
+}
+
+/// A port range past 65535 and a worker count of 0 are refused at start,
+/// with the reason and a non-zero exit.
+#[test]
+fn bad_worker_settings_are_refused() {
+    require_root();
+    let node = one_node();
+    for (args, want) in [
+        (vec!["--workers", "0"], "--workers"),
+        (vec!["--workers", "65"], "--workers"),
+        (
+            vec!["--wireguard-port", "65535", "--workers", "2"],
+            "do not fit below 65536",
+        ),
+    ] {
+        let out = node
+            .command(BIN)
+            .args(["--name", "n", "--underlay-ip", "192.0.2.1"])
+            .args(["--listen", "/nonexistent-nsm-test/fw.sock"])
+            .args(&args)
+            .output()
+            .expect("run nsm-forwarder");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+/// Bursts of small UDP datagrams (IPv4 and IPv6), which the receiving
+/// forwarder joins into UDP GSO superpackets for the pod's TUN: every
+/// datagram arrives once, intact and in order, and the pod's kernel counts
+/// no checksum error.
+#[test]
+fn udp_bursts_arrive_whole_through_udp_gro() {
+    require_root();
+    let (na, nb) = two_nodes();
+    let (pa, pb_) = (Netns::new(), Netns::new());
+    let fa = Forwarder::start(&na, "node-a", "192.0.2.1", &[]);
+    let fb = Forwarder::start(&nb, "node-b", "192.0.2.2", &[]);
+    current_thread_rt().block_on(async {
+        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
+        connect_pair(
+            &mut ca,
+            &mut cb,
+            "burst",
+            kernel(
+                &pa,
+                "nsm-1",
+                &["198.51.100.1/32", "2001:db8:1::1/128"],
+                &["198.51.100.2/32", "2001:db8:1::2/128"],
+            ),
+            kernel(
+                &pb_,
+                "nsm-1",
+                &["198.51.100.2/32", "2001:db8:1::2/128"],
+                &["198.51.100.1/32", "2001:db8:1::1/128"],
+            ),
+        )
+        .await;
+    });
+    assert!(pa.ping(ip("198.51.100.2"), WAIT), "{}", fa.log_text());
+    const BURSTS: u32 = 20;
+    const PER_BURST: u32 = 200;
+    for (from, to) in [
+        ("198.51.100.1:7300", "198.51.100.2:7300"),
+        ("[2001:db8:1::1]:7301", "[2001:db8:1::2]:7301"),
+    ] {
+        let rx = pb_.udp(sa(to));
+        // Room for every burst: nothing may be lost at the socket.
+        nix::sys::socket::setsockopt(&rx, nix::sys::socket::sockopt::RcvBufForce, &(8 << 20))
+            .expect("SO_RCVBUFFORCE");
+        rx.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let tx = pa.udp(sa(from));
+        let mut payload = [0u8; 200];
+        for n in 0..BURSTS * PER_BURST {
+            payload[..4].copy_from_slice(&n.to_be_bytes());
+            payload[4..].fill(u8::try_from(n % 251).expect("< 251"));
+            tx.send_to(&payload, sa(to)).expect("send");
+            if n % PER_BURST == PER_BURST - 1 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let mut buf = [0u8; 2048];
+        for want in 0..BURSTS * PER_BURST {
+            let (len, src) = rx
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("datagram {want} of {to}: {e}\n{}", fb.log_text()));
+            assert_eq!(src, sa(from));
+            assert_eq!(len, 200, "datagram {want} has its own length");
+            let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            assert_eq!(n, want, "in order, none lost");
+            let fill = u8::try_from(n % 251).expect("< 251");
+            assert!(
+                buf[4..200].iter().all(|b| *b == fill),
+                "datagram {n} intact"
+            );
+        }
+    }
+    let snmp = String::from_utf8(
+        pb_.command("cat")
+            .arg("/proc/net/snmp")
+            .output()
+            .expect("snmp")
+            .stdout,
+    )
+    .expect("utf8");
+    let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+    let (names, values) = (udp[0].split_whitespace(), udp[1].split_whitespace());
+    let errors = names
+        .zip(values)
+        .find(|(k, _)| *k == "InCsumErrors")
+        .map(|(_, v)| v.to_string());
+    assert_eq!(errors.as_deref(), Some("0"), "{snmp}");
+}

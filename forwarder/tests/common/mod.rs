@@ -332,12 +332,19 @@ pub fn kernel(pod: &Netns, name: &str, addrs: &[&str], routes: &[&str]) -> pb::S
     }
 }
 
-/// A WireGuard side.
+/// A WireGuard side to the peer's default port (51820: its first packet
+/// thread's).
 pub fn wireguard(peer_ip: &str, peer_key: &str) -> pb::Side {
+    wireguard_at(peer_ip, 0, peer_key)
+}
+
+/// A WireGuard side to `peer_port`, the port the peer's status gave for
+/// this cross-connect (0: 51820).
+pub fn wireguard_at(peer_ip: &str, peer_port: u32, peer_key: &str) -> pb::Side {
     pb::Side {
         kind: Some(pb::side::Kind::Wireguard(pb::WireguardTunnel {
             peer_ip: peer_ip.into(),
-            peer_port: 0,
+            peer_port,
             peer_public_key: peer_key.into(),
             persistent_keepalive_secs: 0,
         })),
@@ -366,13 +373,19 @@ pub async fn connect_pair_via(
     a_side: pb::Side,
     b_side: pb::Side,
 ) -> (pb::CrossConnectStatus, pb::CrossConnectStatus) {
-    let a_req = |key: &str| pb::CrossConnect {
+    // Each side sends to the port the other's status names: the packet
+    // thread that owns the connection there.
+    let a_req = |port: u32, key: &str| pb::CrossConnect {
         id: id.into(),
         source: Some(a_side.clone()),
-        destination: Some(wireguard(b_ip, key)),
+        destination: Some(wireguard_at(b_ip, port, key)),
         chain: None,
     };
-    let a1 = a.program(a_req("")).await.expect("program A").into_inner();
+    let a1 = a
+        .program(a_req(0, ""))
+        .await
+        .expect("program A")
+        .into_inner();
     assert_eq!(
         a1.wireguard_public_key.len(),
         44,
@@ -381,7 +394,11 @@ pub async fn connect_pair_via(
     let b1 = b
         .program(pb::CrossConnect {
             id: id.into(),
-            source: Some(wireguard(a_ip, &a1.wireguard_public_key)),
+            source: Some(wireguard_at(
+                a_ip,
+                a1.wireguard_port,
+                &a1.wireguard_public_key,
+            )),
             destination: Some(b_side),
             chain: None,
         })
@@ -390,7 +407,7 @@ pub async fn connect_pair_via(
         .into_inner();
     assert_eq!(b1.wireguard_public_key.len(), 44);
     let a2 = a
-        .program(a_req(&b1.wireguard_public_key))
+        .program(a_req(b1.wireguard_port, &b1.wireguard_public_key))
         .await
         .expect("re-program A")
         .into_inner();

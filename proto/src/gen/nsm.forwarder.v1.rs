@@ -13,7 +13,9 @@ pub struct ForwarderInfo {
     /// send WireGuard UDP to.
     #[prost(string, tag = "2")]
     pub underlay_ip: ::prost::alloc::string::String,
-    /// UDP port of the forwarder's single WireGuard socket (default 51820).
+    /// UDP port of the forwarder's first WireGuard socket (default 51820). A
+    /// forwarder with several packet threads listens on consecutive ports from
+    /// here; each cross-connect's status names the one its peer must use.
     #[prost(uint32, tag = "3")]
     pub wireguard_port: u32,
     /// MTU of the underlay interface, in bytes; pod MTUs are derived from it.
@@ -363,8 +365,8 @@ pub struct CrossConnectStatus {
     /// forwarder.
     #[prost(string, tag = "3")]
     pub wireguard_public_key: ::prost::alloc::string::String,
-    /// UDP port the peer must send to (this forwarder's WireGuard port); 0 when
-    /// no side is WireGuard.
+    /// UDP port the peer must send to for this cross-connect (the WireGuard
+    /// socket of the packet thread that owns it); 0 when no side is WireGuard.
     #[prost(uint32, tag = "4")]
     pub wireguard_port: u32,
     /// Underlay IP the peer must send to; empty when no side is WireGuard.
