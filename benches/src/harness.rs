@@ -78,6 +78,9 @@ pub struct Settings {
     pub command_line: String,
     /// Which mesh build is used, for the record.
     pub mesh_build: String,
+    /// nsm-rs's forwarders carry WireGuard over a DPDK port (`net_af_packet`
+    /// on each node's underlay veth) instead of the kernel's UDP socket.
+    pub forwarder_dpdk: bool,
 }
 
 /// A failure that stops the whole benchmark (anything smaller is recorded
@@ -246,13 +249,15 @@ pub fn run(s: &Settings, progress: &Progress) -> Result<Report, BenchError> {
     let name = nsm_testbed::testing::unique_lab_name("bench");
     progress.show(&format!("building lab {name}"));
     let topo = Topology::parse(&topology(&name)).map_err(nsm_testbed::LabError::from)?;
-    let lab = Lab::up(
-        topo,
-        &Options {
-            mesh: want_mesh,
-            ..Options::default()
-        },
-    )?;
+    let opts = Options {
+        mesh: want_mesh,
+        ..Options::default()
+    };
+    let lab = if s.forwarder_dpdk {
+        Lab::up_dpdk(topo, &opts, &[])?
+    } else {
+        Lab::up(topo, &opts)?
+    };
     let work = lab.dir().join("bench");
     std::fs::create_dir_all(&work)
         .map_err(|e| BenchError::Setup(format!("{}: {e}", work.display())))?;
@@ -280,6 +285,11 @@ pub fn run(s: &Settings, progress: &Progress) -> Result<Report, BenchError> {
             );
         } else {
             r.detail = s.mesh_build.clone();
+            if s.forwarder_dpdk {
+                r.notes.push(
+                    "forwarders on a DPDK underlay: net_af_packet on each node's eth0 (nsm-forwarder --dpdk-eal)".into(),
+                );
+            }
             match b.connect_main() {
                 Ok(ms) => r.notes.push(format!(
                     "connection web/nsm-1 -> {} set up in {ms:.1} ms; CPU is both nodes' nsm-forwarder (utime+stime)",
@@ -357,6 +367,7 @@ pub fn run(s: &Settings, progress: &Progress) -> Result<Report, BenchError> {
     settings.insert("duration_s".into(), s.duration.to_string());
     settings.insert("pings_per_sample".into(), s.pings.to_string());
     settings.insert("mesh_build".into(), s.mesh_build.clone());
+    settings.insert("forwarder_dpdk".into(), s.forwarder_dpdk.to_string());
     settings.insert(
         "topology".into(),
         "2 nodes (198.51.100.0/24 underlay), client pod web on node-1, endpoint pod echo on node-2; traffic web -> echo".into(),

@@ -84,6 +84,34 @@ pub struct Config {
     #[arg(long, env = "NSM_FORWARDER_NO_TUN_GRO")]
     pub no_tun_gro: bool,
 
+    /// Carry WireGuard over a DPDK port instead of the kernel's UDP stack:
+    /// the DPDK EAL arguments, one string (split at whitespace), e.g.
+    /// "--no-huge -m 256 --no-shconf --file-prefix=nsm-fw --no-pci
+    /// --no-telemetry -l 0 --vdev=net_af_packet0,iface=eth1". The forwarder then speaks
+    /// Ethernet, IP, UDP and ARP/NDP itself on --dpdk-port, with
+    /// --underlay-ip and --wireguard-port as its address (an address the
+    /// kernel does not also own on that link), and runs one packet thread,
+    /// which polls the port (again at once while datagrams come, every
+    /// millisecond when idle). Needs a build with the cargo feature `dpdk`.
+    #[arg(
+        long,
+        env = "NSM_FORWARDER_DPDK_EAL",
+        value_name = "ARGS",
+        allow_hyphen_values = true,
+        requires = "dpdk_port"
+    )]
+    pub dpdk_eal: Option<String>,
+
+    /// The DPDK port to use with --dpdk-eal, by name (e.g. net_af_packet0,
+    /// net_tap0, or a PCI address).
+    #[arg(
+        long,
+        env = "NSM_FORWARDER_DPDK_PORT",
+        value_name = "NAME",
+        requires = "dpdk_eal"
+    )]
+    pub dpdk_port: Option<String>,
+
     /// Most pod interfaces at once (each cross-connect uses one or two).
     #[arg(
         long,

@@ -41,6 +41,7 @@ pub mod pod;
 pub mod service;
 #[allow(unsafe_code)]
 mod sys;
+mod wire;
 pub mod worker;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -73,6 +74,12 @@ pub enum RunError {
         /// Packet threads asked for.
         workers: usize,
     },
+    /// --dpdk-eal was given, but this build has no DPDK.
+    #[error("--dpdk-eal: this nsm-forwarder was built without the cargo feature `dpdk`")]
+    NoDpdk,
+    /// The DPDK underlay could not be set up.
+    #[error("DPDK underlay: {0}")]
+    Dpdk(String),
     /// The underlay MTU could not be found.
     #[error("underlay MTU of {ip}: {reason} (pass --underlay-mtu)")]
     UnderlayMtu {
@@ -187,6 +194,49 @@ fn bind_wireguard(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket>
     Ok(sock)
 }
 
+#[cfg(feature = "dpdk")]
+type DpdkUnderlay = nsm_dpdk::UdpUnderlay;
+/// Without the feature there is no DPDK underlay: a type with no value.
+#[cfg(not(feature = "dpdk"))]
+type DpdkUnderlay = std::convert::Infallible;
+
+/// The DPDK underlay of --dpdk-eal / --dpdk-port, if asked for: the EAL
+/// (once per process), the port, and a UDP endpoint on
+/// --underlay-ip:--wireguard-port.
+#[cfg(feature = "dpdk")]
+fn open_dpdk(config: &Config) -> Result<Option<DpdkUnderlay>, RunError> {
+    let (Some(eal_args), Some(port_name)) = (&config.dpdk_eal, &config.dpdk_port) else {
+        return Ok(None);
+    };
+    if config.workers.is_some_and(|w| w > 1) {
+        return Err(RunError::Dpdk(
+            "a DPDK port runs one packet thread: leave out --workers or pass 1".into(),
+        ));
+    }
+    let args: Vec<&str> = eal_args.split_whitespace().collect();
+    // The port keeps the EAL alive; it is cleaned up (its run directory
+    // removed) when the packet thread drops the port at shutdown.
+    let eal = nsm_dpdk::Eal::init(&args).map_err(|e| RunError::Dpdk(format!("EAL: {e}")))?;
+    let id = eal
+        .port_by_name(port_name)
+        .map_err(|e| RunError::Dpdk(format!("port {port_name}: {e}")))?;
+    let port = nsm_dpdk::Port::open(&eal, id, &nsm_dpdk::PortConfig::default())
+        .map_err(|e| RunError::Dpdk(format!("port {port_name}: {e}")))?;
+    let local = SocketAddr::new(config.underlay_ip, config.wireguard_port);
+    let dev = nsm_dpdk::UdpUnderlay::new(port, nsm_dpdk::UdpUnderlayConfig::new(local))
+        .map_err(|e| RunError::Dpdk(format!("UDP endpoint {local}: {e}")))?;
+    tracing::info!(port = %port_name, %local, "WireGuard over DPDK");
+    Ok(Some(dev))
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn open_dpdk(config: &Config) -> Result<Option<DpdkUnderlay>, RunError> {
+    if config.dpdk_eal.is_some() {
+        return Err(RunError::NoDpdk);
+    }
+    Ok(None)
+}
+
 /// Binds packet thread `k`'s WireGuard socket (port base + k) and starts
 /// the thread with a data plane of its own.
 fn start_worker(
@@ -194,6 +244,7 @@ fn start_worker(
     k: usize,
     workers: usize,
     max_udp_payload: usize,
+    dpdk: Option<DpdkUnderlay>,
 ) -> Result<(worker::WorkerHandle, std::thread::JoinHandle<()>), RunError> {
     let port =
         u16::try_from(usize::from(config.wireguard_port) + k).map_err(|_| RunError::PortRange {
@@ -201,8 +252,16 @@ fn start_worker(
             workers,
         })?;
     let addr = SocketAddr::new(config.underlay_ip, port);
-    let udp = bind_wireguard(addr, config.socket_buffer)
-        .map_err(|source| RunError::Socket { addr, source })?;
+    let underlay = match dpdk {
+        #[cfg(feature = "dpdk")]
+        Some(dev) => worker::Underlay::Dpdk(Box::new(dev)),
+        #[cfg(not(feature = "dpdk"))]
+        Some(never) => match never {},
+        None => worker::Underlay::Kernel(
+            bind_wireguard(addr, config.socket_buffer)
+                .map_err(|source| RunError::Socket { addr, source })?,
+        ),
+    };
     let dp = Dataplane::new(DataplaneConfig {
         max_ports: config.max_ports,
         ..DataplaneConfig::default()
@@ -210,7 +269,7 @@ fn start_worker(
     worker::spawn(
         k,
         dp,
-        udp,
+        underlay,
         worker::WorkerConfig {
             batch: usize::from(config.batch),
             udp_gso: !config.no_udp_gso,
@@ -231,9 +290,14 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let underlay_mtu = match config.underlay_mtu {
-        Some(m) => m,
-        None => detect_underlay_mtu(config.underlay_ip)
+    let dpdk = open_dpdk(&config)?;
+    let underlay_mtu = match (config.underlay_mtu, &dpdk) {
+        (Some(m), _) => m,
+        #[cfg(feature = "dpdk")]
+        (None, Some(d)) => u32::from(d.port().mtu()),
+        #[cfg(not(feature = "dpdk"))]
+        (None, Some(never)) => match *never {},
+        (None, None) => detect_underlay_mtu(config.underlay_ip)
             .await
             .map_err(|reason| RunError::UnderlayMtu {
                 ip: config.underlay_ip,
@@ -261,7 +325,13 @@ pub async fn run(
         ),
         None => None,
     };
-    let workers = config.worker_count();
+    // A DPDK port is one queue: one packet thread.
+    let workers = if dpdk.is_some() {
+        1
+    } else {
+        config.worker_count()
+    };
+    let mut dpdk = dpdk;
     let max_udp_payload = usize::try_from(underlay_mtu)
         .unwrap_or(1500)
         // IPv4 20 + UDP 8, or IPv6 40 + UDP 8.
@@ -271,7 +341,7 @@ pub async fn run(
     let mut handles = Vec::with_capacity(workers);
     let mut joins = Vec::with_capacity(workers);
     for k in 0..workers {
-        let started = start_worker(&config, k, workers, max_udp_payload);
+        let started = start_worker(&config, k, workers, max_udp_payload, dpdk.take());
         match started {
             Ok((handle, join)) => {
                 handles.push(handle);

@@ -56,7 +56,7 @@
 
 use std::fs::File;
 use std::io::{IoSlice, Write};
-use std::net::UdpSocket;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,10 +69,15 @@ use nsm_dataplane::stages::DelayLine;
 use nsm_dataplane::{Action, Dataplane, PortId, PortKind};
 
 use crate::offload;
-use crate::sys::{self, RecvBatch, SendBatch};
+use crate::sys::{self, SendBatch};
+use crate::wire::{self, Rx};
 
 /// How often WireGuard timers run (boringtun wants 100-250 ms).
 pub const TICK: Duration = Duration::from_millis(100);
+/// A polled underlay (DPDK: no fd to wait on) is polled again at once while
+/// datagrams come, and at least this often when idle: the most latency an
+/// idle path adds, for a thread that otherwise sleeps.
+pub const IDLE_POLL: Duration = Duration::from_millis(1);
 /// At most one I/O error log line per this interval.
 pub const IO_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Largest packet or datagram handled: the IP maximum.
@@ -311,9 +316,9 @@ pub struct Core {
     pub dp: Dataplane,
     ports: Vec<Option<Port>>,
     epoll: Epoll,
-    /// A second handle on the WireGuard socket, for the rare datagram a
-    /// control command produces (a first handshake).
-    udp: UdpSocket,
+    /// Datagrams a control command produced (a first handshake), sent by
+    /// the loop right after the command.
+    outbox: Vec<(SocketAddr, Vec<u8>)>,
     /// Ports whose device failed (e.g. its namespace was deleted): out of
     /// the epoll set so a dead fd cannot spin the loop, kept until the
     /// control side removes them.
@@ -407,10 +412,8 @@ impl Core {
     pub fn initiate_handshake(&mut self, id: &str) {
         let mut buf = [0u8; 256];
         if let Action::ToUnderlay { dst, datagram } = self.dp.initiate_handshake(id, &mut buf) {
-            // Control path, not per packet: a plain send_to is fine.
-            if let Err(e) = self.udp.send_to(datagram, dst) {
-                tracing::debug!(xconn = id, error = %e, "sending the first handshake failed");
-            }
+            // Control path, not per packet: allocating is fine.
+            self.outbox.push((dst, datagram.to_vec()));
         }
     }
 
@@ -462,17 +465,47 @@ impl WorkerHandle {
     }
 }
 
+/// The underlay of one packet thread: the kernel's UDP socket, or a DPDK
+/// port (feature `dpdk`).
+#[derive(Debug)]
+pub enum Underlay {
+    /// A bound UDP socket.
+    Kernel(std::net::UdpSocket),
+    /// A UDP endpoint on a DPDK port.
+    #[cfg(feature = "dpdk")]
+    Dpdk(Box<nsm_dpdk::UdpUnderlay>),
+}
+
+impl Underlay {
+    fn into_wire(self, config: &WorkerConfig) -> wire::Tx {
+        match self {
+            Underlay::Kernel(udp) => {
+                let mut send = SendBatch::new(config.batch, SEND_SLOT);
+                if !config.udp_gso {
+                    send.disable_gso();
+                }
+                send.set_gso_max_segment(config.max_udp_payload);
+                wire::Tx::kernel(udp, send)
+            }
+            #[cfg(feature = "dpdk")]
+            Underlay::Dpdk(dev) => wire::Tx::dpdk(dev, SEND_SLOT),
+        }
+    }
+}
+
 /// Starts packet thread number `index` (its name: `nsm-packet-INDEX`)
-/// over `udp`.
+/// over `underlay`.
 ///
 /// # Errors
 /// When epoll or the eventfd cannot be created or the thread not spawned.
 pub fn spawn(
     index: usize,
     dp: Dataplane,
-    udp: UdpSocket,
+    underlay: Underlay,
     config: WorkerConfig,
 ) -> std::io::Result<(WorkerHandle, std::thread::JoinHandle<()>)> {
+    let batch = config.batch.clamp(1, 1024);
+    let config = WorkerConfig { batch, ..config };
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     let wake = Arc::new(EventFd::from_flags(
         EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
@@ -481,7 +514,11 @@ pub fn spawn(
         wake.as_fd(),
         EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_WAKE),
     )?;
-    epoll.add(udp.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UDP))?;
+    // A polled underlay (DPDK) has no fd: the loop polls it.
+    #[cfg_attr(not(feature = "dpdk"), allow(irrefutable_let_patterns))]
+    if let Underlay::Kernel(udp) = &underlay {
+        epoll.add(udp.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UDP))?;
+    }
     let (tx, rx) = mpsc::channel();
     let io = Arc::new(IoCounters::default());
     let handle = WorkerHandle {
@@ -493,7 +530,7 @@ pub fn spawn(
         dp,
         ports: Vec::new(),
         epoll,
-        udp: udp.try_clone()?,
+        outbox: Vec::new(),
         dead: Vec::new(),
         delays: Vec::new(),
         stop: false,
@@ -501,7 +538,10 @@ pub fn spawn(
     let join = std::thread::Builder::new()
         .name(format!("nsm-packet-{index}"))
         .spawn(move || {
-            let mut w = Worker::new(core, udp, wake, rx, config, io);
+            // Built here: the batches hold raw pointers and never leave
+            // this thread.
+            let wire = underlay.into_wire(&config);
+            let mut w = Worker::new(core, wire, wake, rx, config, io);
             w.run();
         })?;
     Ok((handle, join))
@@ -512,8 +552,8 @@ struct Worker {
     wake: Arc<EventFd>,
     rx: mpsc::Receiver<Cmd>,
     config: WorkerConfig,
-    recv: RecvBatch,
-    out: Tx,
+    recv: Rx,
+    out: Out,
     /// One pod packet (or TCP superpacket) at a time is read here.
     pkt: Vec<u8>,
     /// Segments of a superpacket are built here.
@@ -523,32 +563,28 @@ struct Worker {
     gro: Option<offload::Gro>,
 }
 
-/// The sending half: the socket, the queued batch and error accounting,
-/// kept apart from the receive buffers so both can be borrowed at once.
-struct Tx {
-    udp: UdpSocket,
-    send: SendBatch,
+/// The sending half: the underlay's sending side and error accounting,
+/// kept apart from the receive batch so both can be borrowed at once.
+struct Out {
+    wire: wire::Tx,
     io: Arc<IoCounters>,
     last_error_log: Option<Instant>,
+    failed: wire::Failed,
 }
 
-impl Tx {
-    /// Makes room for one more datagram.
-    fn reserve(&mut self) {
-        if self.send.is_full() {
-            self.flush();
-        }
+impl Out {
+    /// Queues the `len` bytes at `off` of the last slot for `dst`.
+    fn commit(&mut self, off: usize, len: usize, dst: SocketAddr) {
+        self.wire.commit(off, len, dst, &mut self.failed);
     }
 
     fn flush(&mut self) {
-        if self.send.len() == 0 {
-            return;
-        }
-        let f = self.send.flush(self.udp.as_fd());
-        if f.failed > 0 {
+        self.wire.flush(&mut self.failed);
+        if self.failed.count > 0 {
+            let f = std::mem::take(&mut self.failed);
             self.io
                 .udp_send_errors
-                .fetch_add(f.failed as u64, Ordering::Relaxed);
+                .fetch_add(f.count as u64, Ordering::Relaxed);
             if let Some(e) = &f.last_error {
                 self.note_error("UDP send failed", e);
             }
@@ -570,29 +606,23 @@ impl Tx {
 impl Worker {
     fn new(
         core: Core,
-        udp: UdpSocket,
+        wire: wire::Tx,
         wake: Arc<EventFd>,
         rx: mpsc::Receiver<Cmd>,
         config: WorkerConfig,
         io: Arc<IoCounters>,
     ) -> Self {
-        let batch = config.batch.clamp(1, 1024);
-        let mut send = SendBatch::new(batch, SEND_SLOT);
-        if !config.udp_gso {
-            send.disable_gso();
-        }
-        send.set_gso_max_segment(config.max_udp_payload);
         Worker {
             core,
             wake,
             rx,
-            config: WorkerConfig { batch, ..config },
-            recv: RecvBatch::new(batch, MAX_PACKET),
-            out: Tx {
-                udp,
-                send,
+            config,
+            recv: Rx::for_tx(&wire, config.batch, MAX_PACKET),
+            out: Out {
+                wire,
                 io,
                 last_error_log: None,
+                failed: wire::Failed::default(),
             },
             pkt: vec![0; MAX_PACKET + offload::VNET_HDR_LEN],
             seg: vec![0; MAX_PACKET],
@@ -603,7 +633,10 @@ impl Worker {
     fn run(&mut self) {
         let mut events = vec![EpollEvent::empty(); 256];
         let mut next_tick = Instant::now() + TICK;
-        tracing::debug!("packet thread running");
+        let polled = self.out.wire.fd().is_none();
+        // Whether the last poll of a polled underlay found datagrams.
+        let mut busy = false;
+        tracing::debug!(polled, "packet thread running");
         while !self.core.stop {
             let now = Instant::now();
             // Wake for the earliest delayed packet too (rounded up, so
@@ -617,7 +650,11 @@ impl Worker {
                 .map_or(next_tick, |d| d.min(next_tick));
             let until = wake_at.saturating_duration_since(now);
             let timeout_ms = until.as_millis() + u128::from(until.subsec_nanos() % 1_000_000 != 0);
-            let timeout = u16::try_from(timeout_ms).unwrap_or(u16::MAX);
+            let mut timeout = u16::try_from(timeout_ms).unwrap_or(u16::MAX);
+            if polled {
+                let idle = u16::try_from(IDLE_POLL.as_millis()).unwrap_or(1);
+                timeout = if busy { 0 } else { timeout.min(idle) };
+            }
             let n = match self.core.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => 0,
@@ -629,13 +666,18 @@ impl Worker {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_WAKE => self.control(),
-                    TOKEN_UDP => self.on_underlay(),
+                    TOKEN_UDP => {
+                        self.on_underlay();
+                    }
                     t => {
                         if let Ok(id) = u32::try_from(t - TOKEN_PORT_BASE) {
                             self.on_pod(PortId(id));
                         }
                     }
                 }
+            }
+            if polled {
+                busy = self.on_underlay() > 0;
             }
             let now = Instant::now();
             if !self.core.delays.is_empty() {
@@ -661,15 +703,23 @@ impl Worker {
         let _ = self.wake.read();
         while let Ok(cmd) = self.rx.try_recv() {
             cmd(&mut self.core);
+            for (dst, datagram) in self.core.outbox.drain(..) {
+                if let Err(e) = self.out.wire.send_now(dst, &datagram) {
+                    tracing::debug!(%dst, error = %e, "sending a first handshake failed");
+                }
+            }
         }
         // The commands may have produced nothing to send, but a removed
         // port may have had queued datagrams: send them now.
         self.out.flush();
     }
 
-    fn on_underlay(&mut self) {
+    /// Reads and handles what the underlay holds; returns the number of
+    /// messages.
+    fn on_underlay(&mut self) -> usize {
+        let mut total = 0;
         for _ in 0..self.config.max_batches_per_wake {
-            let n = match self.recv.recv(self.out.udp.as_fd()) {
+            let n = match self.recv.fill(&mut self.out.wire) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
@@ -685,8 +735,7 @@ impl Worker {
                 };
                 // A GRO message holds several datagrams of `size` bytes.
                 for datagram in data.chunks(size) {
-                    self.out.reserve();
-                    let slot = self.out.send.next_slot();
+                    let slot = self.out.wire.slot(&mut self.out.failed);
                     let base = slot.as_ptr() as usize;
                     let action = self.core.dp.from_underlay(now, src, datagram, slot);
                     let hold = self.core.dp.hold_until();
@@ -694,10 +743,11 @@ impl Worker {
                     if let Some((off, len, dst)) =
                         handle_action(action, base, &self.core.ports, &mut self.gro, &self.out.io)
                     {
-                        self.out.send.commit(off, len, dst);
+                        self.out.commit(off, len, dst);
                     }
                 }
             }
+            total += n;
             self.drain_flush(now);
             self.flush_gro();
             self.out.flush();
@@ -705,6 +755,7 @@ impl Worker {
                 break;
             }
         }
+        total
     }
 
     fn on_pod(&mut self, port: PortId) {
@@ -736,8 +787,7 @@ impl Worker {
                 ..
             } = self;
             let mut one = |packet: &mut [u8]| {
-                out.reserve();
-                let slot = out.send.next_slot();
+                let slot = out.wire.slot(&mut out.failed);
                 let base = slot.as_ptr() as usize;
                 let action = core.dp.from_pod(now, port, packet, slot);
                 let hold = core.dp.hold_until();
@@ -748,7 +798,7 @@ impl Worker {
                 if let Some((off, len, dst)) =
                     handle_action(action, base, &core.ports, gro, &out.io)
                 {
-                    out.send.commit(off, len, dst);
+                    out.commit(off, len, dst);
                 }
             };
             if offload {
@@ -783,11 +833,10 @@ impl Worker {
                             write_port(&core.ports, &out.io, p.0, &offload::WRITE_HDR, bytes);
                         }
                         Dest::Udp(dst) => {
-                            out.reserve();
-                            let slot = out.send.next_slot();
+                            let slot = out.wire.slot(&mut out.failed);
                             if let Some(s) = slot.get_mut(..len) {
                                 s.copy_from_slice(bytes);
-                                out.send.commit(0, len, dst);
+                                out.commit(0, len, dst);
                             }
                         }
                     }
@@ -808,8 +857,7 @@ impl Worker {
     /// Sends what boringtun released (packets held for a handshake).
     fn drain_flush(&mut self, now: Instant) {
         while self.core.dp.has_pending_flush() {
-            self.out.reserve();
-            let slot = self.out.send.next_slot();
+            let slot = self.out.wire.slot(&mut self.out.failed);
             let base = slot.as_ptr() as usize;
             let action = self.core.dp.poll_flush(now, slot);
             if matches!(action, Action::Done | Action::Drop(_)) {
@@ -818,7 +866,7 @@ impl Worker {
             if let Some((off, len, dst)) =
                 handle_action(action, base, &self.core.ports, &mut self.gro, &self.out.io)
             {
-                self.out.send.commit(off, len, dst);
+                self.out.commit(off, len, dst);
             }
         }
     }
@@ -826,8 +874,7 @@ impl Worker {
     fn timers(&mut self, now: Instant) {
         self.core.dp.poll_chains(now);
         loop {
-            self.out.reserve();
-            let slot = self.out.send.next_slot();
+            let slot = self.out.wire.slot(&mut self.out.failed);
             let base = slot.as_ptr() as usize;
             let action = self.core.dp.poll_timers(now, slot);
             if matches!(action, Action::Done | Action::Drop(_)) {
@@ -836,7 +883,7 @@ impl Worker {
             if let Some((off, len, dst)) =
                 handle_action(action, base, &self.core.ports, &mut self.gro, &self.out.io)
             {
-                self.out.send.commit(off, len, dst);
+                self.out.commit(off, len, dst);
             }
         }
         self.flush_gro();

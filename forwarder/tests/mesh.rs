@@ -995,8 +995,9 @@ fn connections_spread_over_workers() {
     assert!(pa.ping(ip("203.0.113.10"), WAIT), "w0 unaffected");
 }
 
-/// A port range past 65535 and a worker count of 0 are refused at start,
-/// with the reason and a non-zero exit.
+/// A port range past 65535, a worker count of 0, and DPDK options in a
+/// build without DPDK are refused at start, with the reason and a non-zero
+/// exit.
 #[test]
 fn bad_worker_settings_are_refused() {
     require_root();
@@ -1019,6 +1020,19 @@ fn bad_worker_settings_are_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // A build without the `dpdk` feature says so.
+    if !cfg!(feature = "dpdk") {
+        let out = node
+            .command(BIN)
+            .args(["--name", "n", "--underlay-ip", "192.0.2.1"])
+            .args(["--listen", "/nonexistent-nsm-test/fw.sock"])
+            .args(["--dpdk-eal", "--no-huge", "--dpdk-port", "net_tap0"])
+            .output()
+            .expect("run nsm-forwarder");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("without the cargo feature `dpdk`"), "{err}");
     }
 }
 

@@ -235,6 +235,8 @@ pub struct Lab {
     detached: bool,
     /// Extra environment of every process the lab starts ([`Lab::up_with_env`]).
     env: Vec<(String, String)>,
+    /// Forwarders on a DPDK underlay ([`Lab::up_dpdk`]).
+    forwarder_dpdk: bool,
 }
 
 /// The mesh programs: per node (in start order), and per endpoint pod.
@@ -245,6 +247,9 @@ pub const PASSTHROUGH: &str = "nsm-passthrough";
 pub const TRUST_DOMAIN: &str = "nsm.local";
 /// The TCP port managers listen on for their peers, on the underlay address.
 pub const MANAGER_PEER_PORT: u16 = 5001;
+/// A file in the state directory of a lab whose forwarders run on DPDK
+/// ([`Lab::up_dpdk`]), so that attaching to it knows.
+const DPDK_MARKER: &str = "forwarder-dpdk";
 /// How long a mesh process may take to listen on its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one connection request may take.
@@ -268,6 +273,28 @@ impl Lab {
         opts: &Options,
         env: &[(String, String)],
     ) -> Result<Lab, LabError> {
+        Lab::up_inner(topology, opts, env, false)
+    }
+
+    /// [`Lab::up_with_env`], with every `nsm-forwarder` on a DPDK underlay
+    /// (`--dpdk-eal`): a `net_af_packet` port on the node's `eth0`, with an
+    /// underlay address of its own that the node's kernel does not hold
+    /// ([`Lab::forwarder_underlay_ip`]). Needs an `nsm-forwarder` built
+    /// with the cargo feature `dpdk`.
+    pub fn up_dpdk(
+        topology: Topology,
+        opts: &Options,
+        env: &[(String, String)],
+    ) -> Result<Lab, LabError> {
+        Lab::up_inner(topology, opts, env, true)
+    }
+
+    fn up_inner(
+        topology: Topology,
+        opts: &Options,
+        env: &[(String, String)],
+        forwarder_dpdk: bool,
+    ) -> Result<Lab, LabError> {
         topology.validate()?;
         if !sys::is_root() {
             return Err(LabError::NotRoot);
@@ -287,6 +314,7 @@ impl Lab {
             children: Vec::new(),
             detached: false,
             env: env.to_vec(),
+            forwarder_dpdk,
         };
         // From here on, a failure drops `lab`, which tears down what exists;
         // the logs that explain the failure are kept first.
@@ -334,13 +362,14 @@ impl Lab {
         Ok(Lab {
             plan: topology.plan(),
             topology,
-            dir,
             opts: opts.clone(),
             state,
             children: Vec::new(),
             // Attaching never implies ownership: only `down` removes it.
             detached: true,
             env: Vec::new(),
+            forwarder_dpdk: dir.join(DPDK_MARKER).exists(),
+            dir,
         })
     }
 
@@ -484,6 +513,10 @@ impl Lab {
         let topo_path = self.dir.join("topology.yaml");
         let text = serde_norway::to_string(&self.topology).expect("a topology always serializes");
         fs::write(&topo_path, text).map_err(self.io_err(&topo_path))?;
+        if self.forwarder_dpdk {
+            let marker = self.dir.join(DPDK_MARKER);
+            fs::write(&marker, b"").map_err(self.io_err(&marker))?;
+        }
 
         self.progress("creating namespaces");
         let lab = self.topology.name.clone();
@@ -1043,22 +1076,50 @@ impl Lab {
         format!("tcp://{}:{MANAGER_PEER_PORT}", plan.underlay_ip)
     }
 
-    /// `nsm-forwarder` flags on a node (its documented interface).
-    fn forwarder_args(&self, node: &str) -> Vec<String> {
-        let plan = self
+    /// The address a node's forwarder carries WireGuard on: the node's
+    /// underlay address, or on a DPDK underlay ([`Lab::up_dpdk`]) one from the
+    /// top of the underlay network (node i: the (i+1)-th host from the
+    /// end), which only the forwarder's DPDK port answers for.
+    pub fn forwarder_underlay_ip(&self, node: &str) -> std::net::Ipv4Addr {
+        let (i, plan) = self
             .plan
             .nodes
             .iter()
-            .find(|n| n.name == node)
+            .enumerate()
+            .find(|(_, n)| n.name == node)
             .expect("planned node");
+        if !self.forwarder_dpdk {
+            return plan.underlay_ip;
+        }
+        let top = u32::from(self.topology.underlay.cidr.broadcast());
+        let offset = u32::try_from(i).unwrap_or(0) + 1;
+        std::net::Ipv4Addr::from(top.saturating_sub(offset))
+    }
+
+    /// `nsm-forwarder` flags on a node (its documented interface).
+    fn forwarder_args(&self, node: &str) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "--name".into(),
             node.into(),
             "--listen".into(),
             self.forwarder_socket(node).display().to_string(),
             "--underlay-ip".into(),
-            plan.underlay_ip.to_string(),
+            self.forwarder_underlay_ip(node).to_string(),
         ];
+        if self.forwarder_dpdk {
+            // No hugepages here; a run directory per lab and node, removed
+            // by the forwarder when it stops.
+            args.extend([
+                "--dpdk-eal".into(),
+                format!(
+                    "--no-huge -m 256 --no-shconf --file-prefix=nsmtb-{}-{node} --no-pci \
+                     --no-telemetry -l 0 --log-level=*:warning --vdev=net_af_packet0,iface=eth0,framecnt=4096",
+                    self.topology.name
+                ),
+                "--dpdk-port".into(),
+                "net_af_packet0".into(),
+            ]);
+        }
         if self.forwarder_identity_dir(node).join("cert.pem").exists() {
             args.extend([
                 "--identity-dir".into(),
@@ -1499,6 +1560,16 @@ pub fn teardown(lab: &str, opts: &Options) -> Result<Teardown, LabError> {
                 step: format!("delete namespace {ns}"),
                 source,
             });
+        }
+    }
+    // DPDK forwarders that were killed leave their (empty) EAL run
+    // directories, named after the lab (see `Lab::up_dpdk`).
+    if let Ok(entries) = fs::read_dir("/var/run/dpdk") {
+        let prefix = format!("nsmtb-{lab}-");
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_dir_all(e.path());
+            }
         }
     }
     let dir = opts.state_root.join(lab);

@@ -56,6 +56,12 @@ enum Cmd {
         /// Build the namespaces and networks only; start no mesh program.
         #[arg(long)]
         no_mesh: bool,
+        /// Run every forwarder on a DPDK underlay: a net_af_packet port on
+        /// the node's eth0, with an address of its own from the top of the
+        /// underlay network (node 1: .254, node 2: .253, ...). Needs
+        /// nsm-forwarder built with `--features dpdk`.
+        #[arg(long, conflicts_with = "no_mesh")]
+        forwarder_dpdk: bool,
     },
     /// Show a lab's nodes, pods, endpoints, processes and connections.
     Status {
@@ -172,14 +178,22 @@ fn run(cmd: Cmd, opts: &Options) -> Result<ExitCode, CliError> {
                 t.endpoints.len()
             );
         }
-        Cmd::Up { file, no_mesh } => {
+        Cmd::Up {
+            file,
+            no_mesh,
+            forwarder_dpdk,
+        } => {
             let topology = Topology::from_file(&file)?;
             let opts = Options {
                 mesh: !no_mesh,
                 ..opts.clone()
             };
             remove_on_signal(&topology.name)?;
-            let lab = Lab::up(topology, &opts)?;
+            let lab = if forwarder_dpdk {
+                Lab::up_dpdk(topology, &opts, &[])?
+            } else {
+                Lab::up(topology, &opts)?
+            };
             print_status(&lab.status());
             lab.detach();
         }

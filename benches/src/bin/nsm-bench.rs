@@ -95,6 +95,11 @@ struct Cli {
     /// No progress line on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Run nsm-rs's forwarders on a DPDK underlay (a net_af_packet port on
+    /// each node's underlay veth, `nsm-forwarder --dpdk-eal`); needs
+    /// nsm-forwarder built with `--features dpdk`.
+    #[arg(long)]
+    forwarder_dpdk: bool,
 }
 
 fn main() -> ExitCode {
@@ -146,6 +151,7 @@ fn main() -> ExitCode {
         progress: !cli.quiet,
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
         mesh_build,
+        forwarder_dpdk: cli.forwarder_dpdk,
     };
     let progress = Progress::new(settings.progress);
     progress.show(&format!("mesh: {}", settings.mesh_build));
