@@ -48,14 +48,18 @@ mod error;
 mod neighbor;
 #[cfg(feature = "dpdk")]
 mod port;
-#[cfg(feature = "dpdk")]
+// Pure code (no DPDK): built without the feature too, so that the frame
+// parser is fuzzed (`fuzzing`, `dpdk/fuzz`) on any machine.
+#[cfg_attr(not(feature = "dpdk"), allow(dead_code))]
 mod stats;
 #[cfg(feature = "dpdk")]
 mod sys;
 #[cfg(feature = "dpdk")]
 mod udp;
-#[cfg(feature = "dpdk")]
+#[cfg_attr(not(feature = "dpdk"), allow(dead_code))]
 mod wire;
+
+pub mod fuzzing;
 
 #[cfg(feature = "dpdk")]
 pub use eal::Eal;
@@ -66,7 +70,7 @@ pub use port::{
     BURST, MBUF_HEADROOM, Port, PortConfig, PortStats, RxBatch, RxFrame, StageError, TxBatch,
     format_mac,
 };
-#[cfg(feature = "dpdk")]
+// Drop reasons and counters are pure code: there with or without DPDK.
 pub use stats::{Counters, CountersSnapshot, RxDrop, TxDrop};
 #[cfg(feature = "dpdk")]
 pub use udp::{RecvBatch, UdpUnderlay, UdpUnderlayConfig};

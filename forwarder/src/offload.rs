@@ -9,8 +9,10 @@
 //! of a TCP stream (a "superpacket") instead of one MSS, which removes most
 //! of the per-packet syscalls on the sending side, the cost that dominates
 //! userspace WireGuard (REFERENCE.md). We then cut the superpacket into
-//! MTU-sized segments here, in a reused scratch buffer, before the data
-//! plane (which sees only ordinary IP packets) encrypts them.
+//! MTU-sized segments here, in place (each segment's headers go over the
+//! tail of the previous one, already encrypted), before the data plane
+//! (which sees only ordinary IP packets) encrypts them straight into a send
+//! buffer: no copy of the payload between the TUN read and the UDP send.
 //!
 //! On the way back we write packets with `VIRTIO_NET_HDR_F_DATA_VALID`: they
 //! were authenticated by WireGuard, so the pod's kernel need not verify the
@@ -81,7 +83,8 @@ pub(crate) enum OffloadError {
 /// Turns one read from an offloading TUN (`buf` = header + packet) into
 /// ordinary IP packets, calling `emit` for each: the packet itself (its
 /// checksum completed if the kernel left it to us) or, for a TCP
-/// superpacket, each segment, built in `scratch`.
+/// superpacket, each segment, cut in place in `buf` (`scratch` only when
+/// the headers are longer than the MSS).
 pub(crate) fn for_each_packet(
     buf: &mut [u8],
     scratch: &mut [u8],
@@ -165,8 +168,13 @@ fn ip_protocol(pkt: &[u8]) -> Option<u8> {
 
 /// Cuts a TCP superpacket into segments of `mss` payload bytes, each with
 /// its own IP length/id/checksum and TCP sequence number/flags/checksum.
+///
+/// In place, without copying the payload: segment i's headers are written
+/// just in front of its payload, over the tail of segment i-1's payload,
+/// which `emit` is done with. Only when the headers are longer than `mss`
+/// (never for a real MSS) is each segment built in `scratch` instead.
 fn segment_tcp(
-    pkt: &[u8],
+    pkt: &mut [u8],
     v6: bool,
     mss: usize,
     scratch: &mut [u8],
@@ -201,37 +209,82 @@ fn segment_tcp(
     }
     let tcp_hlen = usize::from(pkt[tcp + 12] >> 4) * 4;
     let hl = tcp + tcp_hlen;
-    if tcp_hlen < 20 || total < hl || scratch.len() < hl + mss {
+    if tcp_hlen < 20 || total < hl || (mss < hl && scratch.len() < hl + mss) {
         return Err(bad);
     }
-    let payload = &pkt[hl..total];
-    let seq0 = u32::from_be_bytes([pkt[tcp + 4], pkt[tcp + 5], pkt[tcp + 6], pkt[tcp + 7]]);
-    let flags0 = pkt[tcp + 13];
-    let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
-    let n = payload.len().div_ceil(mss).max(1);
+    // The headers as the kernel wrote them (at most 60 + 60 bytes): every
+    // segment starts from them.
+    let mut h0 = [0u8; 120];
+    h0[..hl].copy_from_slice(&pkt[..hl]);
+    let seg = Seg {
+        h0: &h0[..hl],
+        v6,
+        tcp,
+        seq0: u32::from_be_bytes([pkt[tcp + 4], pkt[tcp + 5], pkt[tcp + 6], pkt[tcp + 7]]),
+        id0: u16::from_be_bytes([pkt[4], pkt[5]]),
+        flags0: pkt[tcp + 13],
+    };
+    let payload_len = total - hl;
+    let n = payload_len.div_ceil(mss).max(1);
     for i in 0..n {
-        let chunk = payload
-            .get(i * mss..((i + 1) * mss).min(payload.len()))
-            .unwrap_or(&[]);
-        let len = hl + chunk.len();
-        let s = &mut scratch[..len];
-        s[..hl].copy_from_slice(&pkt[..hl]);
-        s[hl..].copy_from_slice(chunk);
-        let len16 = u16::try_from(len).map_err(|_| bad)?;
-        if v6 {
+        let chunk = mss.min(payload_len - (i * mss).min(payload_len));
+        let s = if mss >= hl {
+            // Headers at [i*mss, i*mss + hl), payload right after.
+            let start = i * mss;
+            let s = pkt.get_mut(start..start + hl + chunk).ok_or(bad)?;
+            if i > 0 {
+                s[..hl].copy_from_slice(seg.h0);
+            }
+            s
+        } else {
+            let from = hl + i * mss;
+            let s = &mut scratch[..hl + chunk];
+            s[..hl].copy_from_slice(seg.h0);
+            s[hl..].copy_from_slice(pkt.get(from..from + chunk).ok_or(bad)?);
+            s
+        };
+        seg.fix(s, i, n, mss)?;
+        emit(s);
+    }
+    Ok(())
+}
+
+/// What every segment of one superpacket shares.
+struct Seg<'a> {
+    /// The superpacket's IP and TCP headers.
+    h0: &'a [u8],
+    v6: bool,
+    /// Offset of the TCP header (the IP header's length).
+    tcp: usize,
+    seq0: u32,
+    id0: u16,
+    flags0: u8,
+}
+
+impl Seg<'_> {
+    /// Fills in segment `i` of `n` (`s`: its headers, a copy of `h0`, and
+    /// its payload): lengths, IPv4 id and checksum, sequence number, flags
+    /// and the TCP checksum.
+    fn fix(&self, s: &mut [u8], i: usize, n: usize, mss: usize) -> Result<(), OffloadError> {
+        let bad = OffloadError::Malformed;
+        let (tcp, ip_hlen) = (self.tcp, self.tcp);
+        let len16 = u16::try_from(s.len()).map_err(|_| bad)?;
+        if self.v6 {
             s[4..6].copy_from_slice(&(len16 - 40).to_be_bytes());
         } else {
             s[2..4].copy_from_slice(&len16.to_be_bytes());
             // Truncation intended: the IPv4 id is a 16-bit counter.
-            let id = id0.wrapping_add(u16::try_from(i & 0xffff).unwrap_or(0));
+            let id = self
+                .id0
+                .wrapping_add(u16::try_from(i & 0xffff).unwrap_or(0));
             s[4..6].copy_from_slice(&id.to_be_bytes());
             s[10..12].copy_from_slice(&[0, 0]);
             let c = !fold(sum(&s[..ip_hlen], 0));
             s[10..12].copy_from_slice(&c.to_be_bytes());
         }
         let offset = u32::try_from(i * mss).map_err(|_| bad)?;
-        s[tcp + 4..tcp + 8].copy_from_slice(&seq0.wrapping_add(offset).to_be_bytes());
-        let mut f = flags0;
+        s[tcp + 4..tcp + 8].copy_from_slice(&self.seq0.wrapping_add(offset).to_be_bytes());
+        let mut f = self.flags0;
         if i + 1 < n {
             f &= !(TCP_FIN | TCP_PSH);
         }
@@ -240,17 +293,16 @@ fn segment_tcp(
         }
         s[tcp + 13] = f;
         s[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
-        let tcp_len = u64::try_from(len - tcp).map_err(|_| bad)?;
-        let pseudo = if v6 {
+        let tcp_len = u64::try_from(s.len() - tcp).map_err(|_| bad)?;
+        let pseudo = if self.v6 {
             sum(&s[8..40], 0) + u64::from(PROTO_TCP) + tcp_len
         } else {
             sum(&s[12..20], 0) + u64::from(PROTO_TCP) + tcp_len
         };
         let c = !fold(sum(&s[tcp..], pseudo));
         s[tcp + 16..tcp + 18].copy_from_slice(&c.to_be_bytes());
-        emit(s);
+        Ok(())
     }
-    Ok(())
 }
 
 /// Receive-side coalescing ("GRO") for packets written to an offloading
@@ -513,30 +565,44 @@ struct TcpSeg {
     flags: u8,
 }
 
+/// The plain IP packets GRO joins: IPv4 without options and not a
+/// fragment (MF clear, offset 0), or IPv6 whose next header is `proto`
+/// itself (no extension headers), at least `min_l4` bytes past the IP
+/// header. Returns (IPv6?, IP header length, IP total length).
+fn plain_ip(pkt: &[u8], proto: u8, min_l4: usize) -> Option<(bool, usize, usize)> {
+    match pkt.first()? >> 4 {
+        6 if pkt.len() >= 40 + min_l4 && pkt[6] == proto => Some((
+            true,
+            40,
+            40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])),
+        )),
+        4 if pkt.len() >= 20 + min_l4
+            && pkt[0] == 0x45
+            && pkt[9] == proto
+            && pkt[6] & 0x3f == 0
+            && pkt[7] == 0 =>
+        {
+            Some((false, 20, usize::from(u16::from_be_bytes([pkt[2], pkt[3]]))))
+        }
+        _ => None,
+    }
+}
+
+/// Whether two plain IP headers agree on everything but length, id and
+/// checksum.
+fn same_ip_headers(a: &[u8], b: &[u8], v6: bool) -> bool {
+    if v6 {
+        // version/class/flow, next header, hop limit, addresses
+        a[0..4] == b[0..4] && a[6..40] == b[6..40]
+    } else {
+        // tos, flags/fragment, ttl, protocol, addresses
+        a[1] == b[1] && a[6..10] == b[6..10] && a[12..20] == b[12..20]
+    }
+}
+
 impl TcpSeg {
     fn parse(pkt: &[u8]) -> Option<Self> {
-        let v6 = match pkt.first()? >> 4 {
-            4 => false,
-            6 => true,
-            _ => return None,
-        };
-        let (ip_hlen, total) = if v6 {
-            if pkt.len() < 60 || pkt[6] != PROTO_TCP {
-                return None;
-            }
-            (40, 40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])))
-        } else {
-            // No options, no fragments.
-            if pkt.len() < 40
-                || pkt[0] != 0x45
-                || pkt[9] != PROTO_TCP
-                || pkt[6] & 0x3f != 0
-                || pkt[7] != 0
-            {
-                return None;
-            }
-            (20, usize::from(u16::from_be_bytes([pkt[2], pkt[3]])))
-        };
+        let (v6, ip_hlen, total) = plain_ip(pkt, PROTO_TCP, 20)?;
         let tcp_hlen = usize::from(pkt[ip_hlen + 12] >> 4) * 4;
         let hl = ip_hlen + tcp_hlen;
         if tcp_hlen < 20 || total < hl || total > pkt.len() {
@@ -570,28 +636,7 @@ struct UdpDatagram {
 
 impl UdpDatagram {
     fn parse(pkt: &[u8]) -> Option<Self> {
-        let v6 = match pkt.first()? >> 4 {
-            4 => false,
-            6 => true,
-            _ => return None,
-        };
-        let (ip_hlen, total) = if v6 {
-            if pkt.len() < 48 || pkt[6] != PROTO_UDP {
-                return None;
-            }
-            (40, 40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])))
-        } else {
-            // No options; not a fragment (MF clear, offset 0).
-            if pkt.len() < 28
-                || pkt[0] != 0x45
-                || pkt[9] != PROTO_UDP
-                || pkt[6] & 0x3f != 0
-                || pkt[7] != 0
-            {
-                return None;
-            }
-            (20, usize::from(u16::from_be_bytes([pkt[2], pkt[3]])))
-        };
+        let (v6, ip_hlen, total) = plain_ip(pkt, PROTO_UDP, 8)?;
         let udp_len = usize::from(u16::from_be_bytes([pkt[ip_hlen + 4], pkt[ip_hlen + 5]]));
         if total > pkt.len() || udp_len < 8 || ip_hlen + udp_len != total {
             return None;
@@ -623,12 +668,7 @@ fn same_udp_headers(a: &[u8], b: &[u8], ip_hlen: usize, v6: bool) -> bool {
     if a.len() < hl || b.len() < hl {
         return false;
     }
-    let ip_same = if v6 {
-        a[0..4] == b[0..4] && a[6..40] == b[6..40]
-    } else {
-        a[1] == b[1] && a[6..10] == b[6..10] && a[12..20] == b[12..20]
-    };
-    ip_same && a[ip_hlen..ip_hlen + 4] == b[ip_hlen..ip_hlen + 4]
+    same_ip_headers(a, b, v6) && a[ip_hlen..ip_hlen + 4] == b[ip_hlen..ip_hlen + 4]
 }
 
 /// Whether two segments' headers agree on everything but length, id,
@@ -637,15 +677,8 @@ fn same_headers(a: &[u8], b: &[u8], ip_hlen: usize, hl: usize, v6: bool) -> bool
     if a.len() < hl || b.len() < hl {
         return false;
     }
-    let ip_same = if v6 {
-        // version/class/flow, next header, hop limit, addresses
-        a[0..4] == b[0..4] && a[6..40] == b[6..40]
-    } else {
-        // tos, flags/fragment, ttl, protocol, addresses
-        a[1] == b[1] && a[6..10] == b[6..10] && a[12..20] == b[12..20]
-    };
     let t = ip_hlen;
-    ip_same
+    same_ip_headers(a, b, v6)
         // ports
         && a[t..t + 4] == b[t..t + 4]
         // ack number, data offset
@@ -968,6 +1001,42 @@ mod tests {
                 })
                 .collect();
             let _ = gro_all(&[junk.clone(), junk]);
+        }
+    }
+
+    #[test]
+    fn in_place_and_scratch_segmentation_agree() {
+        let pkt = tcp_v4(1000);
+        let cut = |mss: u16| {
+            let mut buf = with_hdr(GSO_TCPV4, mss, &pkt);
+            let mut scratch = vec![0u8; 65536];
+            let mut segs = Vec::new();
+            for_each_packet(&mut buf, &mut scratch, |s| segs.push(s.to_vec())).expect("splits");
+            segs
+        };
+        // mss 40 >= 40 header bytes: in place; mss 39: in scratch. Both
+        // must give the same segments as cutting by hand.
+        for mss in [40u16, 39] {
+            let segs = cut(mss);
+            let m = usize::from(mss);
+            assert_eq!(segs.len(), 1000usize.div_ceil(m), "mss {mss}");
+            let mut data = Vec::new();
+            for s in &segs {
+                let h = etherparse::SlicedPacket::from_ip(s).expect("parses");
+                let Some(etherparse::TransportSlice::Tcp(t)) = &h.transport else {
+                    panic!("tcp")
+                };
+                let Some(etherparse::NetSlice::Ipv4(ip)) = &h.net else {
+                    panic!("ipv4")
+                };
+                let want = t
+                    .to_header()
+                    .calc_checksum_ipv4(&ip.header().to_header(), t.payload())
+                    .expect("checksum");
+                assert_eq!(t.checksum(), want, "mss {mss}");
+                data.extend_from_slice(t.payload());
+            }
+            assert_eq!(data, pkt[40..], "mss {mss}: the payload, in order");
         }
     }
 }

@@ -27,8 +27,8 @@
 //!   superpacket and one `writev`. Repeated at most `max_batches_per_wake` times so that one
 //!   busy peer cannot starve the pods.
 //! - Pod device readable: up to `batch` reads. An offloading TUN may return
-//!   a 64 KB TCP superpacket, cut into MTU-sized segments in a scratch
-//!   buffer (`offload::for_each_packet`); each packet goes through
+//!   a 64 KB TCP superpacket, cut into MTU-sized segments in place
+//!   (`offload::for_each_packet`); each packet goes through
 //!   [`Dataplane::from_pod`], whose encryption writes straight into the
 //!   next send slot (no copy). Same-node packets go to the other device.
 //! - Then boringtun's released packets ([`Dataplane::poll_flush`]), the GRO
@@ -556,7 +556,8 @@ struct Worker {
     out: Out,
     /// One pod packet (or TCP superpacket) at a time is read here.
     pkt: Vec<u8>,
-    /// Segments of a superpacket are built here.
+    /// Scratch for what cannot be cut in place (see `offload`), and for
+    /// delayed packets on their way out.
     seg: Vec<u8>,
     /// Coalesces TCP segments bound for offloading TUNs; `None` when
     /// disabled.

@@ -90,14 +90,10 @@ fn wireguard_over_dpdk_af_packet() {
     let (mut wg_bytes, mut arp) = (0, 0);
     for f in cap.finish() {
         match u16::from_be_bytes([f[12], f[13]]) {
-            0x0806 => {
-                // ARP from a DPDK address (sender IP at 28..32): the
-                // other side resolving us (what a forwarder sends itself
-                // may bypass the capture, with af_packet's qdisc bypass).
-                if ends.iter().any(|e| f[28..32] == e[..]) {
-                    arp += 1;
-                }
-            }
+            // ARP from a DPDK address (sender IP at 28..32): the other
+            // side resolving us (what a forwarder sends itself may bypass
+            // the capture, with af_packet's qdisc bypass).
+            0x0806 if ends.iter().any(|e| f[28..32] == e[..]) => arp += 1,
             0x0800 => {
                 assert_eq!(f[14 + 9], 17, "only UDP on the underlay");
                 let (src, dst) = (&f[26..30], &f[30..34]);
@@ -156,15 +152,7 @@ fn bad_dpdk_settings_are_refused() {
         ),
         (vec!["--dpdk-eal", &good], "--dpdk-port"),
     ] {
-        let out = node
-            .command(BIN)
-            .args(["--name", "n", "--underlay-ip", "192.0.2.101"])
-            .args(["--listen", "/nonexistent-nsm-test/fw.sock"])
-            .args(&args)
-            .output()
-            .expect("run nsm-forwarder");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = refused(&node, "192.0.2.101", &args);
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }

@@ -1010,28 +1010,13 @@ fn bad_worker_settings_are_refused() {
             "do not fit below 65536",
         ),
     ] {
-        let out = node
-            .command(BIN)
-            .args(["--name", "n", "--underlay-ip", "192.0.2.1"])
-            .args(["--listen", "/nonexistent-nsm-test/fw.sock"])
-            .args(&args)
-            .output()
-            .expect("run nsm-forwarder");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = refused(&node, "192.0.2.1", &args);
         assert!(err.contains(want), "{args:?}: {err}");
     }
     // A build without the `dpdk` feature says so.
     if !cfg!(feature = "dpdk") {
-        let out = node
-            .command(BIN)
-            .args(["--name", "n", "--underlay-ip", "192.0.2.1"])
-            .args(["--listen", "/nonexistent-nsm-test/fw.sock"])
-            .args(["--dpdk-eal", "--no-huge", "--dpdk-port", "net_tap0"])
-            .output()
-            .expect("run nsm-forwarder");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
+        let args = ["--dpdk-eal", "--no-huge", "--dpdk-port", "net_tap0"];
+        let err = refused(&node, "192.0.2.1", &args);
         assert!(err.contains("without the cargo feature `dpdk`"), "{err}");
     }
 }
@@ -1043,32 +1028,9 @@ fn bad_worker_settings_are_refused() {
 #[test]
 fn udp_bursts_arrive_whole_through_udp_gro() {
     require_root();
-    let (na, nb) = two_nodes();
-    let (pa, pb_) = (Netns::new(), Netns::new());
-    let fa = Forwarder::start(&na, "node-a", "192.0.2.1", &[]);
-    let fb = Forwarder::start(&nb, "node-b", "192.0.2.2", &[]);
-    current_thread_rt().block_on(async {
-        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
-        connect_pair(
-            &mut ca,
-            &mut cb,
-            "burst",
-            kernel(
-                &pa,
-                "nsm-1",
-                &["198.51.100.1/32", "2001:db8:1::1/128"],
-                &["198.51.100.2/32", "2001:db8:1::2/128"],
-            ),
-            kernel(
-                &pb_,
-                "nsm-1",
-                &["198.51.100.2/32", "2001:db8:1::2/128"],
-                &["198.51.100.1/32", "2001:db8:1::1/128"],
-            ),
-        )
-        .await;
-    });
-    assert!(pa.ping(ip("198.51.100.2"), WAIT), "{}", fa.log_text());
+    let ConnectedPair {
+        pa, pb: pb_, fb, ..
+    } = &ConnectedPair::new("burst", &[], true);
     const BURSTS: u32 = 20;
     const PER_BURST: u32 = 200;
     for (from, to) in [

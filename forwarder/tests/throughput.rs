@@ -49,22 +49,14 @@ fn iperf3(client: &Netns, server: &Netns, dst: &str, secs: u32) -> f64 {
 #[ignore = "a measurement: run explicitly, in release mode"]
 fn throughput_pod_to_pod_vs_veth() {
     require_root();
-    let (na, nb) = two_nodes();
-    let (pa, pb_) = (Netns::new(), Netns::new());
-    let fa = Forwarder::start(&na, "node-a", "192.0.2.1", &[]);
-    let fb = Forwarder::start(&nb, "node-b", "192.0.2.2", &[]);
-    current_thread_rt().block_on(async {
-        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
-        connect_pair(
-            &mut ca,
-            &mut cb,
-            "perf",
-            kernel(&pa, "nsm-1", &["198.51.100.1/32"], &["198.51.100.2/32"]),
-            kernel(&pb_, "nsm-1", &["198.51.100.2/32"], &["198.51.100.1/32"]),
-        )
-        .await;
-    });
-    assert!(pa.ping("198.51.100.2".parse().expect("ip"), Duration::from_secs(10)));
+    let ConnectedPair {
+        fa,
+        fb,
+        pa,
+        pb: pb_,
+        na,
+        nb,
+    } = ConnectedPair::new("perf", &[], false);
     let secs = std::env::var("NSM_PERF_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -53,39 +53,8 @@ fn iperf3(client: &Netns, server: &Netns, dst: &str, secs: u32) -> f64 {
 }
 
 /// Two nodes, two pods, two forwarders, one connection.
-struct Setup {
-    _nodes: (Netns, Netns),
-    pa: Netns,
-    pb: Netns,
-    _fw: (Forwarder, Forwarder),
-    node_a_path: String,
-}
-
-fn setup(extra_a: &[&str]) -> Setup {
-    let (na, nb) = two_nodes();
-    let (pa, pb_) = (Netns::new(), Netns::new());
-    let fa = Forwarder::start(&na, "node-a", "192.0.2.1", extra_a);
-    let fb = Forwarder::start(&nb, "node-b", "192.0.2.2", &[]);
-    current_thread_rt().block_on(async {
-        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
-        connect_pair(
-            &mut ca,
-            &mut cb,
-            "perf",
-            kernel(&pa, "nsm-1", &["198.51.100.1/32"], &["198.51.100.2/32"]),
-            kernel(&pb_, "nsm-1", &["198.51.100.2/32"], &["198.51.100.1/32"]),
-        )
-        .await;
-    });
-    assert!(pa.ping("198.51.100.2".parse().expect("ip"), Duration::from_secs(10)));
-    let node_a_path = na.path();
-    Setup {
-        _nodes: (na, nb),
-        pa,
-        pb: pb_,
-        _fw: (fa, fb),
-        node_a_path,
-    }
+fn setup(extra_a: &[&str]) -> ConnectedPair {
+    ConnectedPair::new("perf", extra_a, false)
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -111,7 +80,7 @@ fn throughput_with_and_without_observability() {
     // Scrape the "on" forwarder every second, from inside its node.
     let stop = Arc::new(AtomicBool::new(false));
     let scrapes = Arc::new(AtomicU64::new(0));
-    let (stop_t, scrapes_t, ns) = (stop.clone(), scrapes.clone(), on.node_a_path.clone());
+    let (stop_t, scrapes_t, ns) = (stop.clone(), scrapes.clone(), on.na.path());
     let scraper = std::thread::spawn(move || {
         let f = std::fs::File::open(&ns).expect("netns");
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");

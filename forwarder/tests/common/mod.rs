@@ -494,3 +494,68 @@ impl Drop for Capture {
         let _ = self.child.wait();
     }
 }
+
+/// Two nodes with a forwarder each, a pod on each, and one cross-node
+/// connection between the pods: 198.51.100.1 (A) <-> 198.51.100.2 (B),
+/// plus 2001:db8:1::1 <-> ::2 when asked. Fields drop in order: the
+/// forwarders stop before the namespaces go.
+#[derive(Debug)]
+pub struct ConnectedPair {
+    pub fa: Forwarder,
+    pub fb: Forwarder,
+    pub pa: Netns,
+    pub pb: Netns,
+    pub na: Netns,
+    pub nb: Netns,
+}
+
+impl ConnectedPair {
+    /// Builds it; `extra_a` are more flags for A's forwarder. Returns once
+    /// a ping crosses.
+    pub fn new(id: &str, extra_a: &[&str], ipv6: bool) -> Self {
+        let (na, nb) = two_nodes();
+        let (pa, pb) = (Netns::new(), Netns::new());
+        let fa = Forwarder::start(&na, "node-a", "192.0.2.1", extra_a);
+        let fb = Forwarder::start(&nb, "node-b", "192.0.2.2", &[]);
+        let (mut a, mut b) = (vec!["198.51.100.1/32"], vec!["198.51.100.2/32"]);
+        if ipv6 {
+            a.push("2001:db8:1::1/128");
+            b.push("2001:db8:1::2/128");
+        }
+        current_thread_rt().block_on(async {
+            let (mut ca, mut cb) = (fa.client().await, fb.client().await);
+            connect_pair(
+                &mut ca,
+                &mut cb,
+                id,
+                kernel(&pa, "nsm-1", &a, &b),
+                kernel(&pb, "nsm-1", &b, &a),
+            )
+            .await;
+        });
+        let dst: IpAddr = "198.51.100.2".parse().expect("ip");
+        assert!(pa.ping(dst, Duration::from_secs(10)), "{}", fa.log_text());
+        ConnectedPair {
+            fa,
+            fb,
+            pa,
+            pb,
+            na,
+            nb,
+        }
+    }
+}
+
+/// Runs `nsm-forwarder` in `node` with its required flags and `args`,
+/// which must make it refuse to start; returns what it said on stderr.
+pub fn refused(node: &Netns, underlay_ip: &str, args: &[&str]) -> String {
+    let out = node
+        .command(BIN)
+        .args(["--name", "n", "--underlay-ip", underlay_ip])
+        .args(["--listen", "/nonexistent-nsm-test/fw.sock"])
+        .args(args)
+        .output()
+        .expect("run nsm-forwarder");
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
