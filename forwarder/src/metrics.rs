@@ -22,6 +22,8 @@
 //! | `nsm_forwarder_connection_drops_total` | counter | `connection`, `reason` (the data plane's drop reasons; reasons seen at least once) |
 //! | `nsm_forwarder_chain_function_total` | counter | `connection`, `index`, `function`, `counter` (the function counters of `CrossConnectStatus.functions`) |
 //! | `nsm_forwarder_wireguard_handshake_age_seconds` | gauge | `connection` (WireGuard connections after their first handshake) |
+//! | `nsm_forwarder_packet_threads` | gauge | (`--workers`) |
+//! | `nsm_forwarder_io_errors_total` | counter | `kind` = `pod_write`, `udp_send` (datagrams the socket or DPDK port refused, e.g. no route to a peer), `read`, `offload` (TUN superpackets that could not be cut) |
 //! | `nsm_forwarder_flow_log_records_total` | counter | (with `--flow-log`) |
 //! | `nsm_forwarder_flow_log_lost_total` | counter | `reason` = `ring_full`, `table_full`, `rate_limited`, `write_error` |
 
@@ -57,11 +59,47 @@ pub async fn render(svc: &ForwarderService) -> String {
         .await
         .map(|r| r.into_inner().cross_connects)
         .unwrap_or_default();
-    encode_statuses(
+    let mut out = encode_statuses(
         &list,
         SystemTime::now(),
         crate::flowlog::global().map(crate::flowlog::FlowLog::stats),
-    )
+    );
+    let (threads, io) = svc.io_totals();
+    // Before the final `# EOF` of the statuses' exposition.
+    if let Some(eof) = out.rfind("# EOF") {
+        out.truncate(eof);
+    }
+    out.push_str(&encode_io(threads, io));
+    out
+}
+
+/// The packet threads and their I/O errors (the packet threads count them
+/// anyway; read here at scrape time), ending with `# EOF`.
+pub fn encode_io(threads: usize, io: crate::worker::IoTotals) -> String {
+    let mut reg = Registry::with_prefix("nsm_forwarder");
+    let g: Gauge = Gauge::default();
+    g.set(i64::try_from(threads).unwrap_or(i64::MAX));
+    reg.register("packet_threads", "Packet threads (--workers)", g);
+    let errors = Family::<Labels, Counter>::default();
+    for (kind, n) in [
+        ("pod_write", io.pod_write_errors),
+        ("udp_send", io.udp_send_errors),
+        ("read", io.read_errors),
+        ("offload", io.offload_errors),
+    ] {
+        errors
+            .get_or_create(&vec![("kind", kind.to_string())])
+            .inc_by(n);
+    }
+    reg.register(
+        "io_errors",
+        "Packet I/O that failed, by kind: pod interface writes, underlay sends, reads, TUN superpackets that could not be cut",
+        errors,
+    );
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
 }
 
 fn state_name(state: i32) -> &'static str {
@@ -253,5 +291,28 @@ mod tests {
         assert!(!out.contains("connection="), "{out}");
         assert!(!out.contains("flow_log"), "{out}");
         assert!(out.contains("nsm_forwarder_connections 0"));
+    }
+
+    #[test]
+    fn io_errors_follow_the_statuses_with_one_eof() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut out = encode_statuses(&[status("xc-1")], now, None);
+        let eof = out.rfind("# EOF").expect("eof");
+        out.truncate(eof);
+        out.push_str(&encode_io(
+            2,
+            crate::worker::IoTotals {
+                udp_send_errors: 7,
+                ..Default::default()
+            },
+        ));
+        assert_eq!(out.matches("# EOF").count(), 1, "{out}");
+        assert!(out.ends_with("# EOF\n"), "{out}");
+        assert!(out.contains("nsm_forwarder_packet_threads 2\n"), "{out}");
+        assert!(
+            out.contains("nsm_forwarder_io_errors_total{kind=\"udp_send\"} 7\n"),
+            "{out}"
+        );
+        assert!(out.contains("nsm_forwarder_connections 1\n"), "{out}");
     }
 }

@@ -223,6 +223,16 @@ impl ForwarderService {
         });
     }
 
+    /// Packet threads, and the sum of their own I/O error counts.
+    pub fn io_totals(&self) -> (usize, crate::worker::IoTotals) {
+        let w = &self.shared.workers;
+        let sum = w
+            .iter()
+            .map(|h| h.io.snapshot())
+            .fold(crate::worker::IoTotals::default(), |a, b| a + b);
+        (w.len(), sum)
+    }
+
     /// Ends every Watch stream; call when the server starts shutting down.
     pub fn begin_shutdown(&self) {
         self.shared.shutdown.send_replace(true);

@@ -130,6 +130,43 @@ pub struct IoCounters {
     pub offload_errors: AtomicU64,
 }
 
+/// A reading of [`IoCounters`], or their sum over packet threads.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoTotals {
+    /// Writes to pod devices that failed.
+    pub pod_write_errors: u64,
+    /// Datagrams the UDP socket (or DPDK port) refused.
+    pub udp_send_errors: u64,
+    /// Failed reads (devices or socket).
+    pub read_errors: u64,
+    /// Offloaded TUN reads that could not be segmented.
+    pub offload_errors: u64,
+}
+
+impl IoCounters {
+    /// The counts now.
+    pub fn snapshot(&self) -> IoTotals {
+        IoTotals {
+            pod_write_errors: self.pod_write_errors.load(Ordering::Relaxed),
+            udp_send_errors: self.udp_send_errors.load(Ordering::Relaxed),
+            read_errors: self.read_errors.load(Ordering::Relaxed),
+            offload_errors: self.offload_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl std::ops::Add for IoTotals {
+    type Output = IoTotals;
+    fn add(self, o: IoTotals) -> IoTotals {
+        IoTotals {
+            pod_write_errors: self.pod_write_errors + o.pod_write_errors,
+            udp_send_errors: self.udp_send_errors + o.udp_send_errors,
+            read_errors: self.read_errors + o.read_errors,
+            offload_errors: self.offload_errors + o.offload_errors,
+        }
+    }
+}
+
 /// What the control side runs on the packet thread.
 type Cmd = Box<dyn FnOnce(&mut Core) + Send>;
 

@@ -301,3 +301,71 @@ fn dashboard_queries_exported_metrics() {
     }
     assert!(seen >= 10, "{seen} metric references");
 }
+
+/// The packet threads' I/O errors are exported: a connection whose peer
+/// has no route makes every underlay send fail, and
+/// `nsm_forwarder_io_errors_total{kind="udp_send"}` counts them (the
+/// WireGuard handshake is retried every 5 s).
+#[test]
+fn underlay_send_errors_are_exported() {
+    require_root();
+    let node = one_node();
+    let pod = Netns::new();
+    let fw = Forwarder::start(
+        &node,
+        "node-a",
+        "192.0.2.1",
+        &["--metrics-listen", METRICS, "--workers", "2"],
+    );
+    // Any 32 bytes are a usable X25519 public key for this purpose.
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    current_thread_rt().block_on(async {
+        let mut c = fw.client().await;
+        c.program(pb::CrossConnect {
+            id: "nowhere".into(),
+            source: Some(kernel(
+                &pod,
+                "nsm-1",
+                &["198.51.100.1/32"],
+                &["198.51.100.2/32"],
+            )),
+            // 203.0.113.99: no route from the node.
+            destination: Some(wireguard("203.0.113.99", &key)),
+            chain: None,
+        })
+        .await
+        .expect("program");
+    });
+    let first = check_exposition(&scrape(&node));
+    assert_eq!(
+        value(&first, "nsm_forwarder_packet_threads", &[]),
+        Some(2.0)
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let _ = pod.ping(
+            "198.51.100.2".parse().expect("ip"),
+            Duration::from_millis(200),
+        );
+        let s = check_exposition(&scrape(&node));
+        let n = value(&s, "nsm_forwarder_io_errors_total", &[("kind", "udp_send")]);
+        if n.is_some_and(|n| n > 0.0) {
+            assert_eq!(
+                value(
+                    &s,
+                    "nsm_forwarder_io_errors_total",
+                    &[("kind", "pod_write")]
+                ),
+                Some(0.0)
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no udp_send error counted: {n:?}\n{}",
+            fw.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
