@@ -1,14 +1,16 @@
-//! The packet thread: owns the [`Dataplane`], every pod device fd and the
-//! WireGuard UDP socket, and moves packets between them in batches.
+//! A packet thread: owns a [`Dataplane`], the pod device fds of its
+//! connections and its WireGuard UDP socket (or DPDK port), and moves
+//! packets between them in batches.
 //!
 //! # Model
 //! One thread per worker, each with one level-triggered epoll set over: an
 //! eventfd (control messages), its own UDP socket, and each pod device of
-//! the cross-connects it owns (the service shards them; see `service`). Nothing else touches the
-//! `Dataplane`, so it needs no lock: the gRPC side sends a closure through a
-//! channel and writes the eventfd (firecracker's `VmmAction` + `EventFd`),
-//! and the worker runs it between two batches, which makes every
-//! reprogramming atomic with respect to packets. WireGuard timers run from
+//! the cross-connects it owns (the service shards them; see `service`).
+//! Nothing else touches the worker's `Dataplane`, so it needs no lock: the
+//! gRPC side sends a closure through a channel and writes the eventfd
+//! (firecracker's `VmmAction` + `EventFd`), and the worker runs it between
+//! two batches, which makes every reprogramming atomic with respect to
+//! packets. WireGuard timers run from
 //! the epoll timeout every [`TICK`].
 //!
 //! Within a worker, one thread for both directions, no hand-offs: the
@@ -24,8 +26,9 @@
 //!   through [`Dataplane::from_underlay`]. Decrypted packets go to their
 //!   pod device, through `offload::Gro` for offloading TUNs, which joins
 //!   consecutive TCP segments, or UDP datagrams, of a flow into one
-//!   superpacket and one `writev`. Repeated at most `max_batches_per_wake` times so that one
-//!   busy peer cannot starve the pods.
+//!   superpacket and one `writev`. Repeated at most `max_batches_per_wake`
+//!   times so that one busy peer cannot starve the pods. A polled underlay
+//!   (DPDK) has no fd: the loop polls it on every turn instead.
 //! - Pod device readable: up to `batch` reads. An offloading TUN may return
 //!   a 64 KB TCP superpacket, cut into MTU-sized segments in place
 //!   (`offload::for_each_packet`); each packet goes through
