@@ -32,7 +32,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -161,6 +161,10 @@ pub struct KubeRegistry {
     /// (services listed, endpoints listed) at least once.
     synced: watch::Sender<(bool, bool)>,
     nse_lifetime: Duration,
+    /// When this manager last wrote each object (by kind and name), so
+    /// that a re-list that began before the write does not drop it from
+    /// the cache (see `follow`).
+    local_writes: Mutex<HashMap<(&'static str, String), Instant>>,
 }
 
 impl fmt::Debug for KubeRegistry {
@@ -178,6 +182,10 @@ struct Seen {
     version: String,
     owner: Option<String>,
 }
+
+/// The kinds as the watches and the write log name them.
+const SERVICES: &str = "networkservices";
+const ENDPOINTS: &str = "networkserviceendpoints";
 
 fn registry_name<K: kube::ResourceExt>(obj: &K, spec_name: &str) -> String {
     if spec_name.is_empty() {
@@ -203,6 +211,7 @@ impl KubeRegistry {
             owner_scope: owner_scope.to_string(),
             synced: watch::channel((false, false)).0,
             nse_lifetime,
+            local_writes: Mutex::default(),
         })
     }
 
@@ -279,6 +288,33 @@ impl KubeRegistry {
         name
     }
 
+    /// Notes that this manager just wrote `name` of `kind`.
+    fn note_write(&self, kind: &'static str, name: &str) {
+        self.local_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((kind, name.to_string()), Instant::now());
+    }
+
+    /// The cached names of `kind` that this manager has not written at or
+    /// after `t`.
+    fn cached_unwritten_since(&self, kind: &'static str, t: Instant) -> Vec<String> {
+        let (services, endpoints) = self.cache.names();
+        let names = if kind == SERVICES {
+            services
+        } else {
+            endpoints
+        };
+        let writes = self
+            .local_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        names
+            .into_iter()
+            .filter(|n| writes.get(&(kind, n.clone())).is_none_or(|w| *w < t))
+            .collect()
+    }
+
     fn uncache_service(&self, name: &str) {
         let _ = self.cache.unregister_ns(name);
     }
@@ -294,7 +330,7 @@ impl KubeRegistry {
         let me = self.clone();
         let services = tokio::spawn(follow(
             me.services.clone(),
-            "networkservices",
+            SERVICES,
             |o: &crd::NetworkService| o.to_registry().name,
             {
                 let me = me.clone();
@@ -306,7 +342,7 @@ impl KubeRegistry {
             },
             {
                 let me = me.clone();
-                move || me.cache.names().0
+                move |t: Instant| me.cached_unwritten_since(SERVICES, t)
             },
             {
                 let me = me.clone();
@@ -316,7 +352,7 @@ impl KubeRegistry {
         let me = self.clone();
         let endpoints = tokio::spawn(follow(
             me.endpoints.clone(),
-            "networkserviceendpoints",
+            ENDPOINTS,
             |o: &crd::NetworkServiceEndpoint| registry_name(o, &o.spec.name),
             {
                 let me = me.clone();
@@ -328,7 +364,7 @@ impl KubeRegistry {
             },
             {
                 let me = me.clone();
-                move || me.cache.names().1
+                move |t: Instant| me.cached_unwritten_since(ENDPOINTS, t)
             },
             {
                 let me = me.clone();
@@ -357,6 +393,7 @@ impl KubeRegistry {
             .await
             .map_err(|e| api_status(&format!("register service {}", ns.name), &e))?;
         // Read-your-writes: the watch will say the same a moment later.
+        self.note_write(SERVICES, &ns.name);
         self.cache_service(&applied);
         Ok(ns)
     }
@@ -454,6 +491,7 @@ impl KubeRegistry {
             };
             match written {
                 Ok(o) => {
+                    self.note_write(ENDPOINTS, &nse.name);
                     self.cache_endpoint(&o);
                     return Ok(nse);
                 }
@@ -562,7 +600,8 @@ async fn follow<K>(
     name_of: impl Fn(&K) -> String,
     apply: impl Fn(&K) -> String,
     remove: impl Fn(&str),
-    names: impl Fn() -> Vec<String>,
+    // The cached names, less what this manager wrote since the instant.
+    cached: impl Fn(Instant) -> Vec<String>,
     synced: impl Fn(),
 ) where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
@@ -571,9 +610,13 @@ async fn follow<K>(
     let stream = watcher(api, watcher::Config::default()).backoff(Retry::default());
     let mut stream = std::pin::pin!(stream);
     let mut listed: Option<HashSet<String>> = None;
+    let mut list_began = Instant::now();
     while let Some(ev) = stream.next().await {
         match ev {
-            Ok(watcher::Event::Init) => listed = Some(HashSet::new()),
+            Ok(watcher::Event::Init) => {
+                listed = Some(HashSet::new());
+                list_began = Instant::now();
+            }
             Ok(watcher::Event::InitApply(o)) => {
                 let name = apply(&o);
                 if let Some(l) = listed.as_mut() {
@@ -582,7 +625,10 @@ async fn follow<K>(
             }
             Ok(watcher::Event::InitDone) => {
                 if let Some(l) = listed.take() {
-                    for gone in names().into_iter().filter(|n| !l.contains(n)) {
+                    // What this manager wrote after the list began may be
+                    // missing from it, not gone: the watch that follows
+                    // brings it (or its deletion).
+                    for gone in cached(list_began).into_iter().filter(|n| !l.contains(n)) {
                         remove(&gone);
                     }
                 }
