@@ -229,6 +229,14 @@ fn choose_mesh_build() -> String {
     {
         profiles.reverse();
     }
+    let built = |dir: &Path| {
+        Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M:%SZ", "-r"])
+            .arg(dir.join("nsm-forwarder"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
     for profile in profiles {
         let dir = target.join(profile);
         if PROGRAMS.iter().all(|p| dir.join(p).is_file()) {
@@ -236,17 +244,24 @@ fn choose_mesh_build() -> String {
             // SAFETY: called from main before any other thread exists, so
             // nothing reads the environment concurrently.
             unsafe { std::env::set_var("NSM_BIN_DIR", &dir) };
-            let built = Command::new("date")
-                .args(["-u", "+%Y-%m-%dT%H:%M:%SZ", "-r"])
-                .arg(dir.join("nsm-forwarder"))
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_default();
             return format!(
-                "{profile} build in {} (nsm-forwarder built {built})",
-                dir.display()
+                "{profile} build in {} (nsm-forwarder built {})",
+                dir.display(),
+                built(&dir)
             );
         }
     }
-    "no build in target/: the testbed searches beside nsm-bench and $PATH".to_string()
+    // The testbed's own search finds them beside this binary: say which.
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+        && PROGRAMS.iter().all(|p| dir.join(p).is_file())
+    {
+        return format!(
+            "build beside nsm-bench in {} (nsm-forwarder built {})",
+            dir.display(),
+            built(&dir)
+        );
+    }
+    "no build in target/ or beside nsm-bench: the testbed searches $PATH".to_string()
 }
