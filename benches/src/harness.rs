@@ -96,7 +96,31 @@ pub enum BenchError {
     /// Something the benchmark needs could not be started.
     #[error("{0}")]
     Setup(String),
+    /// [`interrupt`] was called (a signal): the run stopped early and its
+    /// lab was removed; nothing is reported.
+    #[error("interrupted: the lab was removed, nothing was reported")]
+    Interrupted,
 }
+
+/// Set by [`interrupt`].
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks a running [`run`] to stop: the test under way ends early (its tools
+/// are not started again), no further test starts, and `run` returns
+/// [`BenchError::Interrupted`] after removing its lab. A lab still being
+/// built stops at its next step ([`nsm_testbed::lab::interrupt`]). Only
+/// sets flags, so a signal watcher may call it.
+pub fn interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    nsm_testbed::lab::interrupt();
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// What a measurement says when [`interrupt`] stopped it.
+const STOPPED: &str = "interrupted";
 
 /// The progress line: rewritten in place on a terminal, one line per step
 /// otherwise (CI logs).
@@ -317,6 +341,10 @@ pub fn run(s: &Settings, progress: &Progress) -> Result<Report, BenchError> {
         .collect();
     for run in 0..s.runs {
         for k in 0..order.len() {
+            if interrupted() {
+                // Dropping the bench removes the lab and what runs in it.
+                return Err(BenchError::Interrupted);
+            }
             // Each round starts one implementation later than the last.
             let idx = order[(k + run) % order.len()];
             let label = format!("run {}/{} {}", run + 1, s.runs, results[idx].name);
@@ -328,7 +356,13 @@ pub fn run(s: &Settings, progress: &Progress) -> Result<Report, BenchError> {
         }
     }
 
+    if interrupted() {
+        return Err(BenchError::Interrupted);
+    }
     let control_plane = (want_mesh && b.main_conn.is_some()).then(|| b.control_plane());
+    if interrupted() {
+        return Err(BenchError::Interrupted);
+    }
 
     if let Some(mut server) = b.server.borrow_mut().take() {
         let _ = server.kill();
@@ -641,6 +675,9 @@ impl Bench<'_> {
     /// server, because a server still closing (or stuck in) the last test
     /// refuses the next.
     fn iperf3(&self, args: &[&str], target: &str) -> Result<String, String> {
+        if interrupted() {
+            return Err(STOPPED.into());
+        }
         let limit = (self.s.duration + 20).to_string();
         let mut argv = vec![
             "timeout",
@@ -663,7 +700,7 @@ impl Bench<'_> {
                 return Ok(text);
             }
             last = parse_error(&text).unwrap_or_else(|| output_text(&o));
-            if self.restart_server().is_err() {
+            if interrupted() || self.restart_server().is_err() {
                 break;
             }
         }
@@ -673,6 +710,9 @@ impl Bench<'_> {
     /// UDP packet rate with IP packets of `size` bytes: nsm-bench-udp when
     /// it is beside this binary, iperf3 otherwise.
     fn udp(&self, target: &str, size: usize) -> Result<parse::UdpResult, String> {
+        if interrupted() {
+            return Err(STOPPED.into());
+        }
         let d = self.s.duration.to_string();
         let Some(tool) = udp_tool() else {
             let len = (size - crate::udp::HEADERS).to_string();
@@ -720,6 +760,9 @@ impl Bench<'_> {
 
     /// `pings` pings 10 ms apart; p50 and p99 of their round trips (us).
     fn ping(&self, target: &str) -> Result<(f64, f64), String> {
+        if interrupted() {
+            return Err(STOPPED.into());
+        }
         let count = self.s.pings.to_string();
         let o = self.exec(
             "web",
@@ -737,6 +780,9 @@ impl Bench<'_> {
 
     /// The same pings while one TCP stream fills the path.
     fn ping_loaded(&self, target: &str) -> Result<(f64, f64), String> {
+        if interrupted() {
+            return Err(STOPPED.into());
+        }
         // Long enough to cover the pings (10 ms apart) with margin.
         let secs = (self.s.pings / 100 + 3).to_string();
         let mut load = self

@@ -7,8 +7,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{ArgGroup, Parser, Subcommand};
 use nsm_testbed::lab::{self, Lab, LabError, Options};
@@ -280,38 +278,24 @@ fn run(cmd: Cmd, opts: &Options) -> Result<ExitCode, CliError> {
 }
 
 /// While a lab is being built (or the demo runs), SIGINT, SIGTERM and SIGHUP
-/// stop it cleanly instead of leaving half of it behind: the signals are
-/// blocked on every thread and a watcher thread waits for them and asks the
-/// build to stop ([`lab::interrupt`]); the build fails at its next step and
-/// removes what it made, as on any failure, and the process exits with 130.
-/// Children start with an empty signal mask (std resets it), so the mesh
-/// programs still get SIGTERM from teardown.
+/// stop it cleanly instead of leaving half of it behind: a watcher thread
+/// ([`nsm_testbed::sys::on_termination_signal`]) asks the build to stop
+/// ([`lab::interrupt`]); the build fails at its next step and removes what
+/// it made, as on any failure, and the process exits with 130.
 fn remove_on_signal(lab: &str) -> Result<(), CliError> {
-    // A flag set by a signal handler, not a blocked mask and sigwait: the
-    // mesh processes `up` starts inherit the signal mask, and blocked
-    // SIGTERM/SIGINT would never reach them (a handler resets to the
-    // default at exec; a mask does not).
-    let flag = Arc::new(AtomicBool::new(false));
-    for s in [
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ] {
-        signal_hook::flag::register(s, flag.clone()).map_err(|source| LabError::Io {
+    let name = lab.to_string();
+    nsm_testbed::sys::on_termination_signal(move || {
+        eprintln!("nsm-testbed: signal: stopping and removing lab {name}");
+        lab::interrupt();
+    })
+    .map_err(|source| {
+        LabError::Io {
             lab: lab.to_string(),
             path: PathBuf::from("sigaction"),
             source,
-        })?;
-    }
-    let lab = lab.to_string();
-    std::thread::spawn(move || {
-        while !flag.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        eprintln!("nsm-testbed: signal: stopping and removing lab {lab}");
-        lab::interrupt();
-    });
-    Ok(())
+        .into()
+    })
 }
 
 /// `graph`: runs `nsmctl graph` with the first node's manager as

@@ -154,6 +154,39 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Runs `stop` once, on a thread of its own, when SIGINT, SIGTERM or SIGHUP
+/// arrives, instead of letting the signal kill the process: for programs
+/// that must remove what they built (a lab) before they exit.
+///
+/// A handler that sets a flag, and a watcher thread, rather than a blocked
+/// mask and `sigwait`: the processes such a program starts inherit the
+/// signal mask, and blocked SIGTERM/SIGINT would never reach them (a
+/// handler resets to the default at exec; a mask does not).
+///
+/// # Errors
+/// When a handler cannot be installed or the thread not started.
+pub fn on_termination_signal(stop: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let flag = Arc::new(AtomicBool::new(false));
+    for s in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(s, flag.clone())?;
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            stop();
+        })?;
+    Ok(())
+}
+
 /// Whether the process may create namespaces and links.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()

@@ -25,7 +25,7 @@ Then, for every implementation, it sends the same traffic from web to echo:
   gotatun                  gotatun (gotatun-cli, crates.io)
 
 The four peers run inside the two pods with a tunnel 203.0.113.1 -> 203.0.113.2 (MTU 1420), \
-configured with `wg`; missing ones are installed into /var/cache/nsm-rs/peers (apt-get download \
+configured with `wg` (wireguard-tools, installed with apt when missing); missing ones are installed into /var/cache/nsm-rs/peers (apt-get download \
 + dpkg-deb -x, or cargo install) by scripts/ensure-bench-peers, and one that cannot be had is \
 reported as unavailable. Peers run with their default settings (what a user gets out of the box).
 
@@ -43,8 +43,10 @@ progress line on stderr, --json with every run's raw figures, medians and ratios
 implementation to each other one, and --svg with one bar panel per metric.
 
 The mesh binaries are taken from $NSM_BIN_DIR, else target/release when built and not older than target/debug \
-(cargo build --release -p nsm-testbed -p nsm-forwarder -p nsm-manager), else target/debug; the \
-output says which. Needs root. Exit codes: 0 done, 1 failure, 2 bad arguments.
+(cargo build --release -p nsm-testbed -p nsm-forwarder -p nsm-manager), else target/debug, else \
+beside nsm-bench; the output says which. Needs root. Ctrl-C (SIGINT), SIGTERM or SIGHUP stop the \
+run after the step under way and remove the lab; nothing is reported then. Exit codes: 0 done, \
+1 failure, 2 bad arguments, 130 stopped by a signal.
 
 Examples:
   nsm-bench --quick                                  # 1-minute smoke run
@@ -154,13 +156,21 @@ fn main() -> ExitCode {
         forwarder_dpdk: cli.forwarder_dpdk,
     };
     let progress = Progress::new(settings.progress);
+    if let Err(e) = stop_on_signal() {
+        eprintln!("nsm-bench: installing signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
     progress.show(&format!("mesh: {}", settings.mesh_build));
     let report = match harness::run(&settings, &progress) {
         Ok(r) => r,
         Err(e) => {
             progress.finish();
             eprintln!("nsm-bench: {e}");
-            return ExitCode::FAILURE;
+            return if matches!(e, harness::BenchError::Interrupted) {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            };
         }
     };
     progress.finish();
@@ -199,6 +209,17 @@ fn write(path: &Path, text: &str) -> bool {
             false
         }
     }
+}
+
+/// SIGINT, SIGTERM and SIGHUP stop the run cleanly instead of killing it
+/// with its lab left behind: they ask the harness to stop
+/// ([`harness::interrupt`]), which removes the lab and makes the process
+/// exit with 130.
+fn stop_on_signal() -> std::io::Result<()> {
+    nsm_testbed::sys::on_termination_signal(|| {
+        eprintln!("\nnsm-bench: signal: stopping after the current step and removing the lab");
+        harness::interrupt();
+    })
 }
 
 /// Picks the mesh binaries (release first, unless older than the debug
