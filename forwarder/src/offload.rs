@@ -124,7 +124,7 @@ pub(crate) fn for_each_packet(
 /// swaps once at the end: the ones'-complement sum is byte-order
 /// independent (RFC 1071, 2.B), and since 2^16 = 1 (mod 2^16 - 1) the
 /// 32-bit halves of each word can be added whole into a 64-bit
-/// accumulator, which cannot overflow below 2^32 words.
+/// accumulator (under 2^33 per word: no overflow below 16 GiB of data).
 fn sum(data: &[u8], acc: u64) -> u64 {
     let mut native: u64 = 0;
     let mut words = data.chunks_exact(8);
