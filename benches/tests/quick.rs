@@ -25,6 +25,14 @@ fn quick_run_measures_veth_and_nsm_rs() {
         "nsm-bench failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("TCP 1 stream"), "no table:\n{stdout}");
+    // `./dev test` builds target/debug, which nsm-bench then measures: it
+    // must say so loudly, not only in the table's header.
+    if stdout.contains("mesh build: debug build") {
+        assert!(
+            stderr.contains("warning: measuring the DEBUG build"),
+            "no warning for a debug build:\n{stderr}"
+        );
+    }
 
     let text = std::fs::read_to_string(&json_path).expect("JSON written");
     let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");

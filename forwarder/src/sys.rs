@@ -211,28 +211,37 @@ fn zeroed_mmsghdr() -> libc::mmsghdr {
 }
 
 /// `n` datagram buffers of `slot` bytes each, in one allocation made once.
+///
+/// Consecutive slots start one cache line further into the cache's set
+/// space than a whole number of pages would put them (`stride` is `slot`
+/// rounded up to 4 KiB, plus 64). With a plain 64 KiB stride every slot
+/// starts on the same sets of L1 and L2, and a batch of small datagrams
+/// (TCP ACKs, one per slot) evicts itself before it is read.
 #[derive(Debug)]
 struct Slots {
     buf: Vec<u8>,
     slot: usize,
+    stride: usize,
 }
 
 impl Slots {
     fn new(n: usize, slot: usize) -> Self {
+        let stride = slot.next_multiple_of(4096) + 64;
         Slots {
-            buf: vec![0; n * slot],
+            buf: vec![0; n.saturating_sub(1) * stride + slot],
             slot,
+            stride,
         }
     }
 
     fn get_mut(&mut self, i: usize) -> &mut [u8] {
-        let s = self.slot;
-        &mut self.buf[i * s..(i + 1) * s]
+        let at = i * self.stride;
+        &mut self.buf[at..at + self.slot]
     }
 
     fn get(&self, i: usize) -> &[u8] {
-        let s = self.slot;
-        &self.buf[i * s..(i + 1) * s]
+        let at = i * self.stride;
+        &self.buf[at..at + self.slot]
     }
 }
 
@@ -354,9 +363,29 @@ impl RecvBatch {
 /// Datagrams queued for one `sendmmsg(2)`. Callers write each datagram
 /// straight into [`SendBatch::next_slot`] (so encryption lands in the send
 /// buffer: no copy), then [`SendBatch::commit`] it with its destination.
+///
+/// The datagrams are packed: each slot begins at the first cache line after
+/// the datagram committed before it, so a batch of MTU-sized datagrams is
+/// one dense run of memory (about 92 KiB for 64 of 1452 bytes) that stays
+/// in the core's L2 cache from encryption to the kernel's copy. Slots a
+/// whole largest-datagram apart (64 KiB) put every datagram on the same few
+/// cache sets; the profile of one TCP stream showed that copy in
+/// `sendmmsg` costing four times the TUN write's copy of the same bytes.
 pub(crate) struct SendBatch {
-    slots: Slots,
-    offs: Vec<usize>,
+    /// `capacity` bytes of packed datagrams, then one spare slot that
+    /// [`SendBatch::next_slot`] hands out when the batch is full (so a
+    /// caller that ignores [`SendBatch::is_full`] overwrites nothing queued).
+    buf: Vec<u8>,
+    /// Bytes one slot offers: the largest datagram plus headroom.
+    slot: usize,
+    /// Where packing ends and the spare slot begins.
+    capacity: usize,
+    /// Where the next slot begins (64-byte aligned in memory).
+    cursor: usize,
+    /// Where the first slot begins: `buf`'s first 64-byte boundary.
+    first: usize,
+    /// Start of each queued datagram in `buf`.
+    starts: Vec<usize>,
     lens: Vec<usize>,
     dests: Vec<libc::sockaddr_storage>,
     dest_lens: Vec<libc::socklen_t>,
@@ -405,8 +434,9 @@ const GSO_CMSG_SPACE: usize = size_of::<GsoCmsg>();
 impl std::fmt::Debug for SendBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendBatch")
-            .field("capacity", &self.hdrs.len())
-            .field("slot", &self.slots.slot)
+            .field("datagrams", &self.hdrs.len())
+            .field("slot", &self.slot)
+            .field("bytes", &self.capacity)
             .field("queued", &self.queued)
             .finish()
     }
@@ -423,12 +453,31 @@ pub(crate) struct Flushed {
     pub(crate) last_error: Option<io::Error>,
 }
 
+/// Bytes of packed send buffer per datagram of a batch: an MTU-1500
+/// underlay's datagram, rounded up to cache lines, and some to spare. A
+/// batch of larger datagrams (jumbo frames) is sent in more `sendmmsg`
+/// calls, never truncated.
+const SEND_BYTES_PER_DATAGRAM: usize = 2048;
+/// Cache line: where each packed datagram begins.
+const LINE: usize = 64;
+
 impl SendBatch {
-    /// Room for `n` datagrams of up to `slot` bytes.
+    /// Room for `n` datagrams; any one may take up to `slot` bytes.
     pub(crate) fn new(n: usize, slot: usize) -> Self {
+        let n = n.max(1);
+        // Room for `n` typical datagrams and the slot of the last one (a
+        // slot is as long as the largest datagram), plus the line to align
+        // the start on; then the spare slot.
+        let capacity = n * SEND_BYTES_PER_DATAGRAM + slot + LINE;
+        let buf = vec![0; capacity + slot];
+        let first = buf.as_ptr().align_offset(LINE).min(LINE);
         SendBatch {
-            slots: Slots::new(n, slot),
-            offs: vec![0; n],
+            buf,
+            slot,
+            capacity,
+            cursor: first,
+            first,
+            starts: vec![0; n],
             lens: vec![0; n],
             dests: vec![zeroed_storage(); n],
             dest_lens: vec![0; n],
@@ -462,24 +511,35 @@ impl SendBatch {
 
     /// True when no slot is free: flush before writing more.
     pub(crate) fn is_full(&self) -> bool {
-        self.queued == self.hdrs.len()
+        self.queued == self.hdrs.len() || self.cursor + self.slot > self.capacity
     }
 
-    /// The buffer the next datagram is written into. Call only when not
-    /// [`SendBatch::is_full`].
+    /// The buffer the next datagram is written into, `slot` bytes long.
+    /// Call only when not [`SendBatch::is_full`]; when full it is a spare
+    /// buffer whose datagram [`SendBatch::commit`] refuses.
     pub(crate) fn next_slot(&mut self) -> &mut [u8] {
-        let i = self.queued.min(self.hdrs.len().saturating_sub(1));
-        self.slots.get_mut(i)
+        let at = if self.is_full() {
+            self.capacity
+        } else {
+            self.cursor
+        };
+        &mut self.buf[at..at + self.slot]
     }
 
     /// Queues `len` bytes at offset `off` of the next slot for `dest` (the
-    /// data plane may write a datagram behind some headroom).
+    /// data plane may write a datagram behind some headroom). Ignored when
+    /// the batch is full or the datagram would not fit the slot.
     pub(crate) fn commit(&mut self, off: usize, len: usize, dest: SocketAddr) {
-        if self.is_full() || off.checked_add(len).is_none_or(|end| end > self.slots.slot) {
+        if self.is_full() || off.checked_add(len).is_none_or(|end| end > self.slot) {
             return;
         }
         let i = self.queued;
-        self.offs[i] = off;
+        let start = self.cursor + off;
+        self.starts[i] = start;
+        // Not full, so `cursor + slot <= capacity`: the next slot begins
+        // at most a line past this one's end, inside `buf`, and on a line
+        // boundary in memory (`first` is one).
+        self.cursor = self.first + (start + len - self.first).next_multiple_of(LINE);
         self.lens[i] = len;
         self.dest_lens[i] = sockaddr_to_storage(&dest, &mut self.dests[i]);
         self.dest_addrs[i] = dest;
@@ -500,9 +560,10 @@ impl SendBatch {
             return out;
         }
         for i in 0..n {
-            let (off, len) = (self.offs[i], self.lens[i]);
-            // In bounds: `commit` checked off + len <= slot size.
-            let data = &self.slots.get(i)[off..off + len];
+            let (start, len) = (self.starts[i], self.lens[i]);
+            // In bounds: `commit` checked that the datagram lies in a slot
+            // that lies in `buf`.
+            let data = &self.buf[start..start + len];
             self.iovs[i] = libc::iovec {
                 iov_base: data.as_ptr().cast_mut().cast(),
                 iov_len: len,
@@ -561,7 +622,7 @@ impl SendBatch {
             // SAFETY: hdrs[start..groups] are initialised mmsghdrs whose
             // name, iov and control pointers point into `dests`, `iovs`
             // (runs of `msg_iovlen` entries, all within `iovs[..n]`),
-            // `cmsgs` and `slots`, all owned by `self`, alive and not moved
+            // `cmsgs` and `buf`, all owned by `self`, alive and not moved
             // during the call; the kernel only reads them and writes
             // `msg_len`.
             let rc =
@@ -595,6 +656,101 @@ impl SendBatch {
             start += sent;
         }
         self.queued = 0;
+        self.cursor = self.first;
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest() -> SocketAddr {
+        "198.51.100.9:51820".parse().expect("addr")
+    }
+
+    impl SendBatch {
+        fn queued(&self, i: usize) -> &[u8] {
+            &self.buf[self.starts[i]..self.starts[i] + self.lens[i]]
+        }
+    }
+
+    /// Writes a datagram of `len` bytes of `fill` at `off` into the next
+    /// slot, scribbling over the rest of the slot as the data plane may,
+    /// and commits it.
+    fn put(b: &mut SendBatch, off: usize, len: usize, fill: u8) {
+        let slot = b.next_slot();
+        slot.fill(0xee);
+        slot[off..off + len].fill(fill);
+        b.commit(off, len, dest());
+    }
+
+    #[test]
+    fn packed_datagrams_survive_later_slots_and_start_on_lines() {
+        let mut b = SendBatch::new(64, 66_000);
+        let mut i = 0u8;
+        while !b.is_full() {
+            let slot_at = b.next_slot().as_ptr() as usize;
+            assert_eq!(slot_at % LINE, 0, "slot {i} is not line-aligned");
+            // Odd sizes and offsets, as headroom and padding make them.
+            put(
+                &mut b,
+                usize::from(i % 3) * 16,
+                1300 + usize::from(i) * 3,
+                i,
+            );
+            i += 1;
+        }
+        assert_eq!(b.len(), 64, "64 MTU-sized datagrams fit one batch");
+        // Full: the next slot is the spare one and a commit is refused.
+        put(&mut b, 0, 1400, 0xaa);
+        assert_eq!(b.len(), 64);
+        for j in 0..64u8 {
+            let d = b.queued(usize::from(j));
+            assert_eq!(d.len(), 1300 + usize::from(j) * 3);
+            assert!(d.iter().all(|&x| x == j), "datagram {j} was overwritten");
+        }
+        // Dense: the whole batch spans about its own bytes, not 64 slots.
+        let span = b.starts[63] + b.lens[63] - b.starts[0];
+        assert!(span < 64 * 1500, "batch spans {span} bytes");
+    }
+
+    #[test]
+    fn large_datagrams_fill_the_batch_by_bytes_and_never_overflow() {
+        let slot = 66_000;
+        let mut b = SendBatch::new(8, slot);
+        let mut n = 0;
+        while !b.is_full() {
+            put(&mut b, 0, 9000, n);
+            n += 1;
+        }
+        // 8 slots of 2 KiB plus one largest: one 9000-byte datagram behind
+        // another until less than a whole slot is left.
+        assert!((1..8).contains(&n), "{n} jumbo datagrams queued");
+        for j in 0..n {
+            assert!(b.queued(usize::from(j)).iter().all(|&x| x == j));
+        }
+        // A datagram that would overrun its slot is refused, not cut.
+        let mut b = SendBatch::new(2, 1500);
+        b.commit(100, 1401, dest());
+        assert_eq!(b.len(), 0);
+        b.commit(99, 1401, dest());
+        assert_eq!(b.len(), 1);
+    }
+
+    #[test]
+    fn receive_slots_do_not_overlap_and_skew_across_cache_sets() {
+        let mut s = Slots::new(64, 65_535);
+        for i in 0..64u8 {
+            s.get_mut(usize::from(i)).fill(i);
+        }
+        let mut sets = std::collections::HashSet::new();
+        for i in 0..64 {
+            assert!(s.get(i).iter().all(|&x| usize::from(x) == i));
+            assert_eq!(s.get(i).len(), 65_535);
+            // The L2 set (64 KiB period) of each slot's first line.
+            sets.insert((s.get(i).as_ptr() as usize % 65_536) / LINE);
+        }
+        assert_eq!(sets.len(), 64, "slots share cache sets");
     }
 }

@@ -42,9 +42,10 @@ Output: a table of medians and of nsm-rs's ratios to every other implementation 
 progress line on stderr, --json with every run's raw figures, medians and ratios of each \
 implementation to each other one, and --svg with one bar panel per metric.
 
-The mesh binaries are taken from $NSM_BIN_DIR, else target/release when built and not older than target/debug \
-(cargo build --release -p nsm-testbed -p nsm-forwarder -p nsm-manager), else target/debug, else \
-beside nsm-bench; the output says which. Needs root. Ctrl-C (SIGINT), SIGTERM or SIGHUP stop the \
+The mesh binaries are taken from $NSM_BIN_DIR, else target/release when built and not older \
+than target/debug (cargo build --release -p nsm-testbed -p nsm-forwarder -p nsm-manager), else \
+target/debug, else beside nsm-bench; the output says which, with a warning for a debug build. \
+Needs root. Ctrl-C (SIGINT), SIGTERM or SIGHUP stop the \
 run after the step under way and remove the lab; nothing is reported then. Exit codes: 0 done, \
 1 failure, 2 bad arguments, 130 stopped by a signal.
 
@@ -222,13 +223,30 @@ fn stop_on_signal() -> std::io::Result<()> {
     })
 }
 
+/// Says loudly that the forwarder measured is unoptimized: its figures are
+/// several times lower than a release build's, and easy to mistake for
+/// them (e.g. after `./dev test` rebuilt target/debug).
+fn warn_debug_build(dir: &Path) {
+    eprintln!(
+        "nsm-bench: warning: measuring the DEBUG build in {} (unoptimized: several times slower \
+         than release). For figures worth comparing: cargo build --release -p nsm-testbed \
+         -p nsm-forwarder -p nsm-manager, or set NSM_BIN_DIR",
+        dir.display()
+    );
+}
+
 /// Picks the mesh binaries (release first, unless older than the debug
-/// ones) and points the testbed at them
-/// with `NSM_BIN_DIR`; returns a description for the output.
+/// ones) and points the testbed at them with `NSM_BIN_DIR`; returns a
+/// description for the output, and warns on stderr when that is a debug
+/// build.
 fn choose_mesh_build() -> String {
     const PROGRAMS: [&str; 3] = ["nsm-forwarder", "nsm-manager", "nsm-endpoint"];
     if let Some(dir) = std::env::var_os("NSM_BIN_DIR") {
-        return format!("$NSM_BIN_DIR={}", Path::new(&dir).display());
+        let dir = Path::new(&dir);
+        if dir.file_name().is_some_and(|n| n == "debug") {
+            warn_debug_build(dir);
+        }
+        return format!("$NSM_BIN_DIR={}", dir.display());
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -265,6 +283,9 @@ fn choose_mesh_build() -> String {
             // SAFETY: called from main before any other thread exists, so
             // nothing reads the environment concurrently.
             unsafe { std::env::set_var("NSM_BIN_DIR", &dir) };
+            if profile == "debug" {
+                warn_debug_build(&dir);
+            }
             return format!(
                 "{profile} build in {} (nsm-forwarder built {})",
                 dir.display(),
@@ -278,6 +299,9 @@ fn choose_mesh_build() -> String {
         .and_then(|e| e.parent().map(Path::to_path_buf))
         && PROGRAMS.iter().all(|p| dir.join(p).is_file())
     {
+        if dir.file_name().is_some_and(|n| n == "debug") {
+            warn_debug_build(&dir);
+        }
         return format!(
             "build beside nsm-bench in {} (nsm-forwarder built {})",
             dir.display(),
