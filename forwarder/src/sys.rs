@@ -226,7 +226,7 @@ struct Slots {
 
 impl Slots {
     fn new(n: usize, slot: usize) -> Self {
-        let stride = slot.next_multiple_of(4096) + 64;
+        let stride = slot.next_multiple_of(4096) + LINE;
         Slots {
             buf: vec![0; n.saturating_sub(1) * stride + slot],
             slot,

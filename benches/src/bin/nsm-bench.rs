@@ -223,10 +223,14 @@ fn stop_on_signal() -> std::io::Result<()> {
     })
 }
 
-/// Says loudly that the forwarder measured is unoptimized: its figures are
-/// several times lower than a release build's, and easy to mistake for
-/// them (e.g. after `./dev test` rebuilt target/debug).
-fn warn_debug_build(dir: &Path) {
+/// When `dir` is a `debug` build directory, says loudly that the forwarder
+/// measured is unoptimized: its figures are several times lower than a
+/// release build's, and easy to mistake for them (e.g. after `./dev test`
+/// rebuilt target/debug).
+fn warn_if_debug_build(dir: &Path) {
+    if dir.file_name().is_none_or(|n| n != "debug") {
+        return;
+    }
     eprintln!(
         "nsm-bench: warning: measuring the DEBUG build in {} (unoptimized: several times slower \
          than release). For figures worth comparing: cargo build --release -p nsm-testbed \
@@ -243,9 +247,7 @@ fn choose_mesh_build() -> String {
     const PROGRAMS: [&str; 3] = ["nsm-forwarder", "nsm-manager", "nsm-endpoint"];
     if let Some(dir) = std::env::var_os("NSM_BIN_DIR") {
         let dir = Path::new(&dir);
-        if dir.file_name().is_some_and(|n| n == "debug") {
-            warn_debug_build(dir);
-        }
+        warn_if_debug_build(dir);
         return format!("$NSM_BIN_DIR={}", dir.display());
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -283,9 +285,7 @@ fn choose_mesh_build() -> String {
             // SAFETY: called from main before any other thread exists, so
             // nothing reads the environment concurrently.
             unsafe { std::env::set_var("NSM_BIN_DIR", &dir) };
-            if profile == "debug" {
-                warn_debug_build(&dir);
-            }
+            warn_if_debug_build(&dir);
             return format!(
                 "{profile} build in {} (nsm-forwarder built {})",
                 dir.display(),
@@ -299,9 +299,7 @@ fn choose_mesh_build() -> String {
         .and_then(|e| e.parent().map(Path::to_path_buf))
         && PROGRAMS.iter().all(|p| dir.join(p).is_file())
     {
-        if dir.file_name().is_some_and(|n| n == "debug") {
-            warn_debug_build(&dir);
-        }
+        warn_if_debug_build(&dir);
         return format!(
             "build beside nsm-bench in {} (nsm-forwarder built {})",
             dir.display(),
