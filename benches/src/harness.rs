@@ -885,27 +885,60 @@ impl Bench<'_> {
             }
         }
         self.progress.show(&format!(
-            "nsm-rs control plane: closing {} connections",
+            "nsm-rs control plane: closing {} connections at once",
             conns.len()
         ));
-        // Close in a few threads: one at a time would take as long as the test.
-        let chunks: Vec<Vec<_>> = conns
-            .chunks(conns.len().div_ceil(8).max(1))
-            .map(<[_]>::to_vec)
-            .collect();
-        let closers: Vec<_> = chunks
+        // Pings cross the main connection meanwhile: the removals must not
+        // stall the packet threads that carry it.
+        let ping = self.mesh_target.as_deref().and_then(|target| {
+            let o = self
+                .lab
+                .command("web", &["ping", "-i", "0.005", "-W", "1", target]);
+            o.ok()?
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        });
+        // Let the first pings go before the closes start.
+        std::thread::sleep(Duration::from_millis(200));
+        let barrier = Arc::new(Barrier::new(conns.len().max(1)));
+        let closers: Vec<_> = conns
             .into_iter()
-            .map(|chunk| {
-                let sock = sock.clone();
+            .map(|c| {
+                let (sock, barrier) = (sock.clone(), barrier.clone());
                 std::thread::spawn(move || {
-                    for c in chunk {
-                        let _ = mesh::close(&sock, &c, Duration::from_secs(30));
-                    }
+                    barrier.wait();
+                    let t = Instant::now();
+                    let r = mesh::close(&sock, &c, Duration::from_secs(60));
+                    (t.elapsed().as_secs_f64() * 1e3, r)
                 })
             })
             .collect();
-        for c in closers {
-            let _ = c.join();
+        for h in closers {
+            match h.join() {
+                Ok((ms, Ok(()))) => cp.close_parallel_ms.push(ms),
+                Ok((_, Err(e))) => {
+                    if cp.errors.len() < 5 {
+                        cp.errors.push(format!("parallel close: {e}"));
+                    }
+                }
+                Err(_) => cp.errors.push("a closing thread panicked".into()),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(child) = ping {
+            // SIGINT makes ping print what it has; then read it all.
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            match child.wait_with_output() {
+                Ok(o) => {
+                    cp.churn_ping_us = parse::ping_rtts_us(&String::from_utf8_lossy(&o.stdout))
+                }
+                Err(e) => cp.errors.push(format!("ping during the closes: {e}")),
+            }
         }
     }
 

@@ -185,6 +185,13 @@ pub struct ControlPlane {
     pub parallel: usize,
     /// Requests of the parallel batch that failed.
     pub parallel_failures: usize,
+    /// Close latency of each connection of the parallel batch, all closed
+    /// at once, milliseconds.
+    pub close_parallel_ms: Vec<f64>,
+    /// Round trips of pings 5 ms apart over the main connection while the
+    /// parallel batch closes, microseconds: what a removal costs the
+    /// connections that stay.
+    pub churn_ping_us: Vec<f64>,
     /// Time from SIGKILL of a forwarder to the first ping that crosses
     /// again, seconds, per attempt.
     pub heal_s: Vec<f64>,
@@ -258,6 +265,11 @@ impl Report {
                 "setup_1": {"samples_ms": c.setup_1_ms, "p50_ms": pct(&c.setup_1_ms, 50.0), "p99_ms": pct(&c.setup_1_ms, 99.0)},
                 "setup_parallel": {"parallel": c.parallel, "failures": c.parallel_failures, "samples_ms": c.setup_parallel_ms,
                     "p50_ms": pct(&c.setup_parallel_ms, 50.0), "p99_ms": pct(&c.setup_parallel_ms, 99.0)},
+                "close_parallel": {"samples_ms": c.close_parallel_ms,
+                    "p50_ms": pct(&c.close_parallel_ms, 50.0), "p99_ms": pct(&c.close_parallel_ms, 99.0)},
+                "ping_during_close_parallel": {"samples_us": c.churn_ping_us,
+                    "p50_us": pct(&c.churn_ping_us, 50.0), "p99_us": pct(&c.churn_ping_us, 99.0),
+                    "max_us": c.churn_ping_us.iter().copied().reduce(f64::max)},
                 "heal_after_forwarder_sigkill": {"samples_s": c.heal_s, "median_s": median(&c.heal_s)},
                 "errors": c.errors,
             })
@@ -339,6 +351,25 @@ impl Report {
                     pct(&c.setup_parallel_ms, 50.0),
                     pct(&c.setup_parallel_ms, 99.0),
                     c.parallel_failures
+                );
+            }
+            if !c.close_parallel_ms.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  close, {} at once: p50 {} ms, p99 {} ms",
+                    c.close_parallel_ms.len(),
+                    pct(&c.close_parallel_ms, 50.0),
+                    pct(&c.close_parallel_ms, 99.0)
+                );
+            }
+            if !c.churn_ping_us.is_empty() {
+                let max = c.churn_ping_us.iter().copied().fold(f64::NAN, f64::max);
+                let _ = writeln!(
+                    out,
+                    "  ping over the main connection meanwhile ({} pings): p50 {} us, p99 {} us, max {max:.0} us",
+                    c.churn_ping_us.len(),
+                    pct(&c.churn_ping_us, 50.0),
+                    pct(&c.churn_ping_us, 99.0)
                 );
             }
             if !c.heal_s.is_empty() {

@@ -6,7 +6,12 @@
 //! and Remove hold its lock for their whole run, so they apply one at a
 //! time and in order; the packet threads never wait for it, because every
 //! change reaches the data plane as a closure run between two batches
-//! ([`WorkerHandle::call`]).
+//! ([`WorkerHandle::call`]). One step runs outside the lock: the kernel's
+//! deletion of a removed cross-connect's devices (closing their fds takes
+//! 15 to 20 ms each, in RCU grace periods, and overlaps freely), so that
+//! many Removes at once take about as long as one. Remove still returns
+//! only once its devices are gone, and a Program reusing one of their names
+//! waits for that.
 //!
 //! Workers: each packet thread owns a shard of the cross-connects (its own
 //! `Dataplane`, its own WireGuard socket on port `--wireguard-port + k`).
@@ -36,6 +41,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -55,7 +61,7 @@ use crate::chain;
 use crate::keys::{self, PrivateKey};
 use crate::plan::{self, KernelPlan, Plan, Refusal, SidePlan};
 use crate::pod;
-use crate::worker::{PortDelay, WorkerHandle};
+use crate::worker::{PortDelay, WorkerHandle, close_devices};
 
 /// Smallest Watch counters interval honoured.
 pub const MIN_COUNTERS_INTERVAL: Duration = Duration::from_millis(100);
@@ -116,11 +122,27 @@ struct Entry {
     worker: usize,
 }
 
+/// A removed cross-connect whose devices' fds are still being closed.
+#[derive(Debug)]
+struct Closing {
+    id: String,
+    /// Its pod interfaces, by (namespace `(st_dev, st_ino)`, name).
+    ifaces: Vec<((u64, u64), String)>,
+    /// Locked until the close is done.
+    done: Arc<Mutex<()>>,
+}
+
 #[derive(Debug, Default)]
 struct Registry {
     entries: BTreeMap<String, Entry>,
     free_ports: Vec<u32>,
     next_port: u32,
+    /// Removed cross-connects whose devices are still being closed. Remove
+    /// closes them after letting go of the registry, so that removals
+    /// overlap the kernel's deletions; a Program that makes one of their
+    /// names again, or a second Remove of the id, waits for the close
+    /// ([`Registry::wait_closed`]).
+    closing: Vec<Closing>,
 }
 
 impl Registry {
@@ -133,6 +155,27 @@ impl Registry {
 
     fn free_port(&mut self, p: PortId) {
         self.free_ports.push(p.0);
+    }
+
+    /// Forgets the closes that are done.
+    fn prune_closed(&mut self) {
+        self.closing.retain(|c| c.done.try_lock().is_err());
+    }
+
+    /// Waits until the close of every removed cross-connect `which`
+    /// selects is done. The closer does not need the registry, so waiting
+    /// while holding it is safe.
+    async fn wait_closed(&mut self, which: impl Fn(&Closing) -> bool) {
+        self.prune_closed();
+        let pending: Vec<_> = self
+            .closing
+            .iter()
+            .filter(|c| which(c))
+            .map(|c| Arc::clone(&c.done))
+            .collect();
+        for done in pending {
+            drop(done.lock().await);
+        }
     }
 }
 
@@ -267,17 +310,30 @@ impl ForwarderService {
             .keys()
             .cloned()
             .collect();
-        for id in ids {
-            let _ = self.remove_id(&id).await;
-        }
+        // At once: their device deletions overlap (see `Registry::closing`).
+        futures_util::future::join_all(ids.iter().map(|id| self.remove_id(id))).await;
     }
 
     async fn remove_id(&self, id: &str) -> Result<(), Status> {
         let mut reg = self.shared.registry.lock().await;
         let Some(entry) = reg.entries.remove(id) else {
+            // Removed already; maybe its devices are still being deleted.
+            reg.wait_closed(|c| c.id == id).await;
             return Ok(());
         };
-        self.teardown(&mut reg, id, &entry).await;
+        let fds = self.detach(&mut reg, id, &entry).await;
+        // The devices are deleted after the registry is let go (see
+        // `Registry::closing`); Remove still returns only once they are.
+        let done = Arc::new(Mutex::new(()));
+        let closed = Arc::clone(&done).lock_owned().await;
+        reg.prune_closed();
+        reg.closing.push(Closing {
+            id: id.to_string(),
+            ifaces: kernel_sides(&entry.plan)
+                .map(|k| (k.netns.id, k.name.clone()))
+                .collect(),
+            done,
+        });
         tracing::info!(xconn = id, "cross-connect removed");
         self.shared.reported.lock().await.remove(id);
         // Published under the registry lock: see `spawn_state_monitor`.
@@ -289,11 +345,14 @@ impl ForwarderService {
             }],
         });
         drop(reg);
+        close_devices(fds).await;
+        drop(closed);
         Ok(())
     }
 
-    /// Takes `entry` out of the data plane and closes its devices.
-    async fn teardown(&self, reg: &mut Registry, id: &str, entry: &Entry) {
+    /// Takes `entry` out of the data plane and returns its devices' fds, for
+    /// the caller to close ([`close_devices`]).
+    async fn detach(&self, reg: &mut Registry, id: &str, entry: &Entry) -> Vec<OwnedFd> {
         let ports: Vec<PortId> = entry.pods.iter().flatten().map(|p| p.port).collect();
         let id_owned = id.to_string();
         let ports_c = ports.clone();
@@ -303,18 +362,23 @@ impl ForwarderService {
             .call(move |core| {
                 let chain = core.dp.remove_xconnect(&id_owned).ok();
                 let mut delays = Vec::new();
+                let mut fds = Vec::new();
                 for p in ports_c {
                     delays.push(core.set_delay(p, PortDelay::none()));
-                    core.remove_port(p);
+                    fds.extend(core.remove_port(p));
                 }
-                (chain, delays)
+                (chain, delays, fds)
             })
             .await;
-        if r.is_err() {
-            tracing::error!(xconn = id, "packet thread gone while removing");
-        }
         for p in ports {
             reg.free_port(p);
+        }
+        match r {
+            Ok((_chain, _delays, fds)) => fds,
+            Err(_) => {
+                tracing::error!(xconn = id, "packet thread gone while removing");
+                Vec::new()
+            }
         }
     }
 
@@ -404,7 +468,8 @@ impl ForwarderService {
                 reused = old.pods;
                 prev_counters = old.counters.clone();
             } else {
-                self.teardown(&mut reg, &id, &old).await;
+                let fds = self.detach(&mut reg, &id, &old).await;
+                close_devices(fds).await;
             }
         }
         let has_wg = plan
@@ -429,6 +494,12 @@ impl ForwarderService {
             if pods[i].is_some() {
                 continue;
             }
+            reg.wait_closed(|c| {
+                c.ifaces
+                    .iter()
+                    .any(|(ns, name)| *ns == k.netns.id && *name == k.name)
+            })
+            .await;
             let created = match pod::create(k, mtu, &id).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -642,14 +713,18 @@ impl ForwarderService {
     /// (closing them deletes their devices).
     async fn undo_ports(&self, reg: &mut Registry, w: usize, ports: &[PortId]) {
         let ps = ports.to_vec();
-        let _ = self
+        let fds = self
             .worker(w)
             .call(move |core| {
-                for p in ps.into_iter().rev() {
-                    core.remove_port(p);
-                }
+                let fds: Vec<_> = ps
+                    .into_iter()
+                    .rev()
+                    .filter_map(|p| core.remove_port(p))
+                    .collect();
+                fds
             })
             .await;
+        close_devices(fds.unwrap_or_default()).await;
         for p in ports {
             reg.free_port(*p);
         }

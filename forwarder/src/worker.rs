@@ -402,16 +402,20 @@ impl Core {
         Ok(())
     }
 
-    /// Forgets pod device `id` and closes its fd, which deletes the device.
-    /// Its cross-connect must have been removed first.
-    pub fn remove_port(&mut self, id: PortId) {
+    /// Forgets pod device `id` and hands back its fd, which the caller must
+    /// close *off the packet thread* ([`close_devices`]): closing the last
+    /// fd of a TUN/TAP deletes the device, and the kernel waits out RCU
+    /// grace periods inside that close(2), 15 to 20 ms here, which on this
+    /// thread would stall every other connection it carries. Its
+    /// cross-connect must have been removed first.
+    #[must_use = "the fd must be closed off the packet thread (close_devices)"]
+    pub fn remove_port(&mut self, id: PortId) -> Option<OwnedFd> {
         let _ = self.dp.remove_port(id);
         self.delays.retain(|(p, _)| *p != id);
         self.dead.retain(|p| *p != id);
-        if let Some(port) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
-            let _ = self.epoll.delete(&port.file);
-            drop(port);
-        }
+        let port = self.ports.get_mut(id.0 as usize).and_then(Option::take)?;
+        let _ = self.epoll.delete(&port.file);
+        Some(OwnedFd::from(port.file))
     }
 
     /// Installs (or with an empty one, removes) the added delay of pod
@@ -503,6 +507,19 @@ impl WorkerHandle {
             let _ = self.wake.write(1);
         }
     }
+}
+
+/// Closes pod device fds handed back by [`Core::remove_port`], on a
+/// blocking-pool thread, and returns once they are closed (so the devices
+/// and their names are gone, as after a synchronous close). Neither a packet
+/// thread nor a runtime worker waits out the kernel's device deletion.
+pub async fn close_devices(fds: Vec<OwnedFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // A failed spawn or a panicking close cannot leak the fds: they are
+    // closed with the task (or on unwind) either way.
+    let _ = tokio::task::spawn_blocking(move || drop(fds)).await;
 }
 
 /// The underlay of one packet thread: the kernel's UDP socket, or a DPDK

@@ -266,6 +266,104 @@ fn same_node_cross_connect_and_remove() {
     assert!(!p2.has_link("nsm-b"));
 }
 
+/// Many Removes at once (the forwarder deletes their devices outside its
+/// registry lock, so the kernel's waits overlap): each Remove, and a second
+/// Remove of an id already being removed, returns only once its interfaces
+/// are gone; the same names can be programmed again at once and carry
+/// traffic.
+#[test]
+fn removes_at_once_return_with_their_devices_gone() {
+    require_root();
+    let node = one_node();
+    let (p1, p2) = (Netns::new(), Netns::new());
+    let fw = Forwarder::start(&node, "node", "192.0.2.1", &[]);
+    const N: usize = 16;
+    let program = |c: &mut pb::forwarder_client::ForwarderClient<tonic::transport::Channel>,
+                   i: usize| {
+        let (a, b) = (
+            format!("198.51.100.{}", i + 1),
+            format!("203.0.113.{}", i + 1),
+        );
+        let req = pb::CrossConnect {
+            id: format!("many-{i}"),
+            source: Some(kernel(
+                &p1,
+                &format!("nsm-{i}"),
+                &[&format!("{a}/32")],
+                &[&format!("{b}/32")],
+            )),
+            destination: Some(kernel(
+                &p2,
+                &format!("nsm-{i}"),
+                &[&format!("{b}/32")],
+                &[&format!("{a}/32")],
+            )),
+            chain: None,
+        };
+        let mut c = c.clone();
+        async move {
+            let st = c.program(req).await.expect("program").into_inner();
+            assert_eq!(st.state, pb::cross_connect_status::State::Up as i32);
+        }
+    };
+    let rt = current_thread_rt();
+    rt.block_on(async {
+        let mut c = fw.client().await;
+        for i in 0..N {
+            program(&mut c, i).await;
+        }
+        // Every Remove at once, and each id twice: whichever of the two
+        // returns first, the interfaces must be gone by then.
+        let removes = (0..2 * N).map(|k| {
+            let (mut c, i) = (c.clone(), k % N);
+            let (p1, p2) = (&p1, &p2);
+            async move {
+                c.remove(pb::RemoveRequest {
+                    id: format!("many-{i}"),
+                })
+                .await
+                .expect("remove");
+                let name = format!("nsm-{i}");
+                assert!(
+                    !p1.has_link(&name) && !p2.has_link(&name),
+                    "{name} still exists after a Remove of many-{i} returned"
+                );
+            }
+        });
+        futures_util::future::join_all(removes).await;
+        let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+        assert!(list.cross_connects.is_empty());
+        // The names are free again.
+        for i in 0..N {
+            program(&mut c, i).await;
+        }
+        // A Program of the same names sent while their Remove is deleting
+        // the devices waits for that instead of finding the names taken
+        // (or, sent first, is a repeat the Remove then undoes).
+        let churn = (0..N).map(|i| {
+            let (mut r, mut p) = (c.clone(), c.clone());
+            let again = program(&mut p, i);
+            async move {
+                let remove = r.remove(pb::RemoveRequest {
+                    id: format!("many-{i}"),
+                });
+                let again = async {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    again.await;
+                };
+                let (removed, ()) = tokio::join!(remove, again);
+                removed.expect("remove");
+            }
+        });
+        futures_util::future::join_all(churn).await;
+        // Whatever the order was, every id can be programmed and used.
+        for i in 0..N {
+            program(&mut c, i).await;
+        }
+    });
+    assert!(p1.ping(ip("203.0.113.16"), WAIT), "{}", fw.log_text());
+}
+
 /// Refusals carry the right code and a useful message, and leave nothing
 /// behind; the same Program twice gives the same result.
 #[test]

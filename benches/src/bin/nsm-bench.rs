@@ -35,8 +35,9 @@ packet rate at 64- and 1400-byte IP packets (nsm-bench-udp, one sender thread as
 delivered packets/s and loss; iperf3 -u -b 0 if the tool is missing), ping \
 round trips 10 ms apart idle and while one TCP stream runs (p50, p99), and CPU seconds per GB of \
 the data plane's processes during the 1-stream test (n/a for veth: that is kernel softirq time). \
-For nsm-rs also: connection setup latency one at a time and N at once, and the time to heal after \
-SIGKILL of node-1's forwarder.
+For nsm-rs also: connection setup latency one at a time and N at once, the close latency of those \
+N closed at once with pings 5 ms apart crossing the main connection meanwhile, and the time to heal \
+after SIGKILL of node-1's forwarder.
 
 Output: a table of medians and of nsm-rs's ratios to every other implementation on stdout, a \
 progress line on stderr, --json with every run's raw figures, medians and ratios of each \
@@ -86,7 +87,7 @@ struct Cli {
     /// nsm-rs: connection requests timed one at a time [default: 20, quick: 3].
     #[arg(long, value_name = "N")]
     setup_samples: Option<usize>,
-    /// nsm-rs: connection requests made at once [default: 200, quick: 0].
+    /// nsm-rs: connection requests made at once, then closed at once [default: 200, quick: 0].
     #[arg(long, value_name = "N")]
     parallel: Option<usize>,
     /// nsm-rs: forwarder kills to time healing [default: 3, quick: 0].
