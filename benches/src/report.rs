@@ -334,42 +334,42 @@ impl Report {
                     .map_or_else(|| "n/a".to_string(), |x| format!("{x:.1}"))
             };
             let _ = writeln!(out, "\nnsm-rs control plane");
+            // "p50 X ms, p99 Y ms" of samples `v` in `unit`.
+            let spread = |v: &[f64], unit: &str| {
+                format!("p50 {} {unit}, p99 {} {unit}", pct(v, 50.0), pct(v, 99.0))
+            };
             if !c.setup_1_ms.is_empty() {
                 let _ = writeln!(
                     out,
-                    "  setup, 1 at a time ({} requests): p50 {} ms, p99 {} ms",
+                    "  setup, 1 at a time ({} requests): {}",
                     c.setup_1_ms.len(),
-                    pct(&c.setup_1_ms, 50.0),
-                    pct(&c.setup_1_ms, 99.0)
+                    spread(&c.setup_1_ms, "ms")
                 );
             }
             if c.parallel > 0 {
                 let _ = writeln!(
                     out,
-                    "  setup, {} at once: p50 {} ms, p99 {} ms ({} failed)",
+                    "  setup, {} at once: {} ({} failed)",
                     c.parallel,
-                    pct(&c.setup_parallel_ms, 50.0),
-                    pct(&c.setup_parallel_ms, 99.0),
+                    spread(&c.setup_parallel_ms, "ms"),
                     c.parallel_failures
                 );
             }
             if !c.close_parallel_ms.is_empty() {
                 let _ = writeln!(
                     out,
-                    "  close, {} at once: p50 {} ms, p99 {} ms",
+                    "  close, {} at once: {}",
                     c.close_parallel_ms.len(),
-                    pct(&c.close_parallel_ms, 50.0),
-                    pct(&c.close_parallel_ms, 99.0)
+                    spread(&c.close_parallel_ms, "ms")
                 );
             }
             if !c.churn_ping_us.is_empty() {
                 let max = c.churn_ping_us.iter().copied().fold(f64::NAN, f64::max);
                 let _ = writeln!(
                     out,
-                    "  ping over the main connection meanwhile ({} pings): p50 {} us, p99 {} us, max {max:.0} us",
+                    "  ping over the main connection meanwhile ({} pings): {}, max {max:.0} us",
                     c.churn_ping_us.len(),
-                    pct(&c.churn_ping_us, 50.0),
-                    pct(&c.churn_ping_us, 99.0)
+                    spread(&c.churn_ping_us, "us")
                 );
             }
             if !c.heal_s.is_empty() {
