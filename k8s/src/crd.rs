@@ -392,8 +392,8 @@ impl IPAMBlock {
 /// which network services. Every manager follows these objects; a request is
 /// allowed when any rule (objects or config) allows it. The keys are the
 /// config's: `services` (names, or `*`), `spiffe_ids` (a trailing `*`
-/// matches a prefix), `uids` (local clients), `labels` (the request must
-/// carry them all).
+/// matches a prefix), `uids` (local clients), `service_accounts` (pods'
+/// annotation requests), `labels` (the request must carry them all).
 #[derive(CustomResource, Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "nsm-rs.io",
@@ -413,6 +413,11 @@ pub struct ServiceAuthorizationSpec {
     /// Local callers by uid (the manager's unix socket, SO_PEERCRED).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uids: Vec<u32>,
+    /// Pods asking through their `networkservicemesh.io` annotation, by
+    /// service account: `NAMESPACE/NAME`, or a prefix ending in `*`
+    /// (`NAMESPACE/*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
     /// Labels the request must carry.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,

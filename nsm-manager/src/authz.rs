@@ -63,6 +63,15 @@ pub enum Principal {
         /// The forwarded local principal, if any.
         on_behalf: Option<String>,
     },
+    /// A pod asking through its `networkservicemesh.io` annotation (cluster
+    /// mode): whoever may create or annotate pods running as this service
+    /// account.
+    Pod {
+        /// The pod's namespace.
+        namespace: String,
+        /// Its `spec.serviceAccountName` (`default` when unset).
+        service_account: String,
+    },
     /// A TCP peer without TLS (insecure mode: no identity configured).
     Anonymous,
 }
@@ -77,6 +86,10 @@ impl Principal {
                 Some(b) => format!("{id}#{b}"),
                 None => id.clone(),
             },
+            Principal::Pod {
+                namespace,
+                service_account,
+            } => format!("serviceaccount:{namespace}/{service_account}"),
             Principal::Anonymous => "anonymous".into(),
         }
     }
@@ -125,6 +138,10 @@ pub struct Rule {
     /// Local uids.
     #[serde(default)]
     pub uids: Vec<u32>,
+    /// Pods (annotation requests) by service account, `NAMESPACE/NAME`; a
+    /// trailing `*` matches a prefix (`team-a/*`: every account of team-a).
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
     /// Labels the request must carry.
     #[serde(default)]
     pub labels: HashMap<String, String>,
@@ -139,6 +156,22 @@ pub struct Policy {
     pub rules: Vec<Rule>,
 }
 
+/// `NAMESPACE/NAME`, or a prefix of one ending in `*` (`ns/*`, `ns/web-*`,
+/// `team-*`); no other `*`, no whitespace, no empty namespace.
+fn valid_service_account(a: &str) -> bool {
+    let (body, prefix) = match a.strip_suffix('*') {
+        Some(b) => (b, true),
+        None => (a, false),
+    };
+    if body.is_empty() || body.contains('*') || body.chars().any(char::is_whitespace) {
+        return false;
+    }
+    match body.split_once('/') {
+        Some((ns, name)) => !ns.is_empty() && !name.contains('/') && (prefix || !name.is_empty()),
+        None => prefix,
+    }
+}
+
 fn id_matches(pattern: &str, id: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => id.starts_with(prefix),
@@ -147,13 +180,41 @@ fn id_matches(pattern: &str, id: &str) -> bool {
 }
 
 impl Rule {
+    /// Checks what serde cannot: each service account is `NAMESPACE/NAME`,
+    /// or a prefix ending in `*` that names a namespace (`NAMESPACE/*`,
+    /// `team-*`), so that a typo cannot quietly match nobody or everybody.
+    ///
+    /// # Errors
+    /// What is wrong, naming the value.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(a) = self
+            .service_accounts
+            .iter()
+            .find(|a| !valid_service_account(a))
+        {
+            return Err(format!(
+                "service_accounts: `{a}` is not NAMESPACE/NAME (or a prefix ending in *, such as NAMESPACE/*)"
+            ));
+        }
+        Ok(())
+    }
+
     fn allows(&self, who: &Principal, service: &str, labels: &HashMap<String, String>) -> bool {
         let svc = self.services.iter().any(|s| s == "*" || s == service);
-        let caller = (self.spiffe_ids.is_empty() && self.uids.is_empty())
+        let any_caller =
+            self.spiffe_ids.is_empty() && self.uids.is_empty() && self.service_accounts.is_empty();
+        let caller = any_caller
             || match who {
                 Principal::Internal => true,
                 Principal::Local { uid, .. } => self.uids.contains(uid),
                 Principal::Peer { id, .. } => self.spiffe_ids.iter().any(|p| id_matches(p, id)),
+                Principal::Pod {
+                    namespace,
+                    service_account,
+                } => {
+                    let sa = format!("{namespace}/{service_account}");
+                    self.service_accounts.iter().any(|p| id_matches(p, &sa))
+                }
                 Principal::Anonymous => false,
             };
         let lbl = self
@@ -202,12 +263,15 @@ pub fn rule_of(obj: &nsm_k8s::crd::ServiceAuthorization) -> Result<Rule, String>
     if let Some(bad) = s.spiffe_ids.iter().find(|i| !i.starts_with("spiffe://")) {
         return Err(format!("spiffe_ids: `{bad}` is not a spiffe:// ID"));
     }
-    Ok(Rule {
+    let rule = Rule {
         services: s.services.clone(),
         spiffe_ids: s.spiffe_ids.clone(),
         uids: s.uids.clone(),
+        service_accounts: s.service_accounts.clone(),
         labels: s.labels.clone().into_iter().collect(),
-    })
+    };
+    rule.check()?;
+    Ok(rule)
 }
 
 /// Follows the ServiceAuthorization objects of `api` forever (until
@@ -301,5 +365,56 @@ mod tests {
         assert!(!p.allows(&peer("spiffe://td/other"), "z", &none));
         assert!(!p.allows(&Principal::Anonymous, "a", &none));
         assert!(Policy::parse("rules:\n- servics: [a]\n").is_err());
+    }
+
+    #[test]
+    fn pods_match_by_service_account_only() {
+        let p = Policy::parse(
+            "rules:\n- services: [a]\n  service_accounts: [shop/web, 'team-*']\n- services: [b]\n  uids: [0]\n- services: [c]\n  labels: {app: web}\n",
+        )
+        .unwrap();
+        let none = HashMap::new();
+        let web = HashMap::from([("app".to_string(), "web".to_string())]);
+        let pod = |ns: &str, sa: &str| Principal::Pod {
+            namespace: ns.into(),
+            service_account: sa.into(),
+        };
+        assert!(p.allows(&pod("shop", "web"), "a", &none));
+        assert!(p.allows(&pod("team-x", "default"), "a", &none));
+        assert!(!p.allows(&pod("shop", "db"), "a", &none));
+        assert!(!p.allows(&pod("shopping", "web"), "a", &none));
+        // A uid rule is not a pod rule: root on the node is not every pod.
+        assert!(!p.allows(&pod("shop", "web"), "b", &none));
+        assert!(!p.allows(&Principal::Local { uid: 0, gid: 0 }, "a", &none));
+        // A rule naming no caller matches pods as it matches everyone.
+        assert!(p.allows(&pod("any", "default"), "c", &web));
+        assert!(!p.allows(&pod("any", "default"), "c", &none));
+        assert_eq!(pod("shop", "web").owner_key(), "serviceaccount:shop/web");
+    }
+
+    #[test]
+    fn service_account_patterns_are_checked() {
+        let rule = |a: &str| Rule {
+            services: vec!["a".into()],
+            service_accounts: vec![a.into()],
+            ..Rule::default()
+        };
+        for good in ["shop/web", "shop/*", "shop/web-*", "team-*", "x*"] {
+            assert!(rule(good).check().is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "*",
+            "web",
+            "/web",
+            "shop/",
+            "shop/a/b",
+            "sh*p/web",
+            "shop/ web",
+            "a/b/*",
+        ] {
+            let e = rule(bad).check().unwrap_err();
+            assert!(e.contains("service_accounts"), "{bad}: {e}");
+        }
     }
 }

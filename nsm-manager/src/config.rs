@@ -43,6 +43,16 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// An authorization rule is unusable.
+    #[error("{path}: authorization.rules[{index}]: {reason}")]
+    Rule {
+        /// The file.
+        path: String,
+        /// Index of the offending rule.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Payload of a network service, as NSM spells it.
@@ -201,6 +211,18 @@ impl Config {
                 excluded: excluded.into_iter().map(|n| n.trunc()).collect(),
             });
         }
+        for (index, r) in raw
+            .authorization
+            .iter()
+            .flat_map(|p| p.rules.iter())
+            .enumerate()
+        {
+            r.check().map_err(|reason| ConfigError::Rule {
+                path: origin.to_string(),
+                index,
+                reason,
+            })?;
+        }
         Ok(Config {
             services,
             authorization: raw.authorization,
@@ -237,6 +259,25 @@ mod tests {
         assert!(msg.starts_with("f.yaml: "), "{msg}");
         assert!(msg.contains("cidrs"), "{msg}");
         assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn a_bad_service_account_names_its_rule() {
+        let e = Config::parse(
+            "authorization:\n  rules:\n  - {services: [a], uids: [0]}\n  - {services: [a], service_accounts: [web]}\n",
+            "f.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("f.yaml: authorization.rules[1]: service_accounts: `web`"),
+            "{e}"
+        );
+        let ok = Config::parse(
+            "authorization:\n  rules:\n  - {services: [a], service_accounts: [shop/web, 'team-*']}\n",
+            "f.yaml",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

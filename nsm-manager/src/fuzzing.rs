@@ -53,8 +53,20 @@ fn check_policy(p: &Policy, text: &str) {
             id: "spiffe://nsm.test/nsm-manager/n1".into(),
             on_behalf: None,
         },
+        Principal::Pod {
+            namespace: "default".into(),
+            service_account: text.chars().take(8).collect(),
+        },
         Principal::Anonymous,
     ];
+    for r in &p.rules {
+        // What `check` accepts matches like the pattern it is.
+        if r.check().is_ok() {
+            for a in &r.service_accounts {
+                assert!(a.contains('/') || a.ends_with('*'), "accepted {a:?}");
+            }
+        }
+    }
     for w in &who {
         let allowed = p.allows(w, "secure-net", &labels);
         assert!(

@@ -790,13 +790,26 @@ impl Manager {
             )
             .map_err(|e| denied(e.to_string()))?;
         }
+        self.authorize(who, &conn.network_service, &conn.labels)
+    }
+
+    /// Whether the authorization policy in force (the config's and the
+    /// cluster's rules) lets `who` request `service` with `labels`.
+    ///
+    /// # Errors
+    /// [`RequestError::Denied`] naming the caller.
+    pub fn authorize(
+        &self,
+        who: &Principal,
+        service: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<(), RequestError> {
         let cluster = self
             .cluster_rules
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let enforced = self.settings.policy.is_some() || !cluster.is_empty();
-        let (service, labels) = (&conn.network_service, &conn.labels);
         if enforced
             && !self
                 .settings
@@ -805,10 +818,13 @@ impl Manager {
                 .is_some_and(|p| p.allows(who, service, labels))
             && !crate::authz::Policy::rules_allow(&cluster, who, service, labels)
         {
-            return Err(denied(format!(
-                "the authorization policy does not allow {}",
-                who.owner_key()
-            )));
+            return Err(RequestError::Denied {
+                service: service.to_string(),
+                why: format!(
+                    "the authorization policy does not allow {}",
+                    who.owner_key()
+                ),
+            });
         }
         Ok(())
     }

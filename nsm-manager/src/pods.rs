@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use crate::authz::Principal;
 use crate::cluster::api_status;
 use crate::manager::{Manager, Role};
 use crate::store::{StoreError, Table};
@@ -97,6 +98,9 @@ pub struct Wanted {
     pub ifname: String,
     /// What to ask for.
     pub request: ConnectionRequest,
+    /// From the pod's annotation (the pod's own request, authorized as its
+    /// service account), not from the plugin config (the operator's).
+    pub from_pod: bool,
 }
 
 /// Why the requests of an attachment cannot be worked out.
@@ -133,18 +137,18 @@ impl From<WantedError> for Status {
 pub fn wanted(b: &Binding, annotation_value: Option<&str>) -> Result<Vec<Wanted>, WantedError> {
     let mut requests = Vec::new();
     for (i, url) in b.extra_requests.iter().enumerate() {
-        let mut parsed = annotation::parse(url)
+        let parsed = annotation::parse(url)
             .map_err(|e| WantedError::Parse(format!("connections[{i}]: {e}")))?;
-        requests.append(&mut parsed);
+        requests.extend(parsed.into_iter().map(|r| (r, false)));
     }
     if let Some(v) = annotation_value {
-        let mut parsed = annotation::parse(v)
+        let parsed = annotation::parse(v)
             .map_err(|e| WantedError::Parse(format!("pod annotation {}: {e}", annotation::KEY)))?;
-        requests.append(&mut parsed);
+        requests.extend(parsed.into_iter().map(|r| (r, true)));
     }
     let prefix = b.prefix();
     let mut out: Vec<Wanted> = Vec::new();
-    for (i, request) in requests.into_iter().enumerate() {
+    for (i, (request, from_pod)) in requests.into_iter().enumerate() {
         let ifname = request
             .interface
             .clone()
@@ -159,6 +163,7 @@ pub fn wanted(b: &Binding, annotation_value: Option<&str>) -> Result<Vec<Wanted>
             id: format!("{prefix}{ifname}"),
             ifname,
             request,
+            from_pod,
         });
     }
     Ok(out)
@@ -169,11 +174,20 @@ pub fn wanted(b: &Binding, annotation_value: Option<&str>) -> Result<Vec<Wanted>
 struct PodView {
     uid: String,
     annotation: Option<String>,
+    /// `spec.serviceAccountName`: who its annotation's requests are
+    /// authorized as (`default` when unset, as Kubernetes fills it in).
+    service_account: String,
 }
 
 fn view(p: &Pod) -> PodView {
     PodView {
         uid: p.metadata.uid.clone().unwrap_or_default(),
+        service_account: p
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
         annotation: p
             .metadata
             .annotations
@@ -273,9 +287,31 @@ impl NodePods {
     }
 
     /// Makes the attachment's connections match `wanted`: closes the others
-    /// (and those whose service or labels changed), requests the missing.
+    /// (and those whose service or labels changed, and the pod's own that
+    /// the authorization policy no longer allows), requests the missing.
     /// Returns the connections of `wanted`, in order.
-    async fn converge(&self, b: &Binding, wanted: &[Wanted]) -> Result<Vec<Connection>, Status> {
+    ///
+    /// The pod's annotation requests are authorized as `sa` (its service
+    /// account, [`Principal::Pod`]) before anything is requested: a pod
+    /// gets no more through its annotation than the policy gives it. The
+    /// plugin config's requests are the operator's and are not checked.
+    async fn converge(
+        &self,
+        b: &Binding,
+        wanted: &[Wanted],
+        sa: &str,
+    ) -> Result<Vec<Connection>, Status> {
+        let who = Principal::Pod {
+            namespace: b.namespace.clone(),
+            service_account: sa.to_string(),
+        };
+        let authorized = |w: &Wanted| {
+            if !w.from_pod {
+                return Ok(());
+            }
+            let labels = w.request.labels.clone().into_iter().collect();
+            self.manager.authorize(&who, &w.request.service, &labels)
+        };
         let mut have = self.current(&b.prefix());
         let same = |c: &Connection, w: &Wanted| {
             c.network_service == w.request.service
@@ -286,7 +322,16 @@ impl NodePods {
                     .all(|(k, v)| c.labels.get(k) == Some(v))
         };
         for (id, c) in &have {
-            if !wanted.iter().any(|w| w.id == *id && same(c, w)) {
+            let keep = wanted.iter().find(|w| w.id == *id && same(c, w));
+            if let Some(w) = keep
+                && let Err(e) = authorized(w)
+            {
+                tracing::warn!(id = %id, pod = %b.pod_key(), error = %e, "no longer authorized; closing");
+                self.manager
+                    .close(c)
+                    .await
+                    .map_err(|e| Status::internal(format!("close {id}: {e}")))?;
+            } else if keep.is_none() {
                 tracing::info!(id = %id, pod = %b.pod_key(), "no longer asked for; closing");
                 self.manager
                     .close(c)
@@ -294,13 +339,18 @@ impl NodePods {
                     .map_err(|e| Status::internal(format!("close {id}: {e}")))?;
             }
         }
-        have.retain(|id, c| wanted.iter().any(|w| w.id == *id && same(c, w)));
+        have.retain(|id, c| {
+            wanted
+                .iter()
+                .any(|w| w.id == *id && same(c, w) && authorized(w).is_ok())
+        });
         let mut out = Vec::with_capacity(wanted.len());
         for w in wanted {
             if let Some(c) = have.remove(&w.id) {
                 out.push(c);
                 continue;
             }
+            authorized(w)?;
             let req = NetworkServiceRequest {
                 connection: Some(Connection {
                     id: w.id.clone(),
@@ -363,7 +413,7 @@ impl NodePods {
         self.bindings
             .put(&b.prefix(), b.clone())
             .map_err(|e| Status::internal(format!("pod bindings: {e}")))?;
-        match self.converge(&b, &wanted).await {
+        match self.converge(&b, &wanted, &pod.service_account).await {
             Ok(conns) => Ok(wanted
                 .iter()
                 .zip(conns)
@@ -431,7 +481,7 @@ impl NodePods {
             match &current {
                 Some(v) if v.uid == b.uid => match wanted(&b, v.annotation.as_deref()) {
                     Ok(w) => {
-                        if let Err(e) = self.converge(&b, &w).await {
+                        if let Err(e) = self.converge(&b, &w, &v.service_account).await {
                             tracing::warn!(pod = %pod_key, error = %e, "cannot converge; retrying later");
                         }
                     }

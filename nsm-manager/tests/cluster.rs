@@ -1335,6 +1335,59 @@ async fn service_authorization_objects_decide_who_may_request() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
 
+    // A pod's annotation asks as the pod (its service account), not as the
+    // CNI plugin's uid 0: the uid-0 rule above does not let it in, even
+    // with the label, and nothing is programmed.
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    for (name, account) in [("web", "web"), ("db", "db")] {
+        let mut p = pod(name, "kernel://alpha/nsm-1?app=web");
+        p.spec.as_mut().unwrap().service_account_name = Some(account.into());
+        pods.create(&PostParams::default(), &p).await.unwrap();
+    }
+    let before = node.fwd.ids();
+    let err = attach(&node, "web").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(
+        err.message().contains("serviceaccount:default/web"),
+        "{err}"
+    );
+    assert_eq!(node.fwd.ids(), before);
+    assert!(node.pod_conns().is_empty(), "{:?}", node.pod_conns());
+
+    // A rule for its service account: web gets its interface, db does not.
+    apply(
+        "alpha-web-pods",
+        "{services: [alpha], service_accounts: [default/web]}",
+    );
+    eventually(
+        "the pod rule is seen",
+        Duration::from_secs(10),
+        async || attach(&node, "web").await.is_ok(),
+    )
+    .await;
+    assert_eq!(node.pod_conns(), ["cni/mesh/c-web/eth0/nsm-1"]);
+    let err = attach(&node, "db").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert_eq!(node.pod_conns(), ["cni/mesh/c-web/eth0/nsm-1"]);
+
+    // Taking the rule away closes the pod's connection on the next pass.
+    kubectl(
+        &server,
+        &[
+            "delete",
+            "-n",
+            NAMESPACE,
+            "serviceauthorization",
+            "alpha-web-pods",
+        ],
+    );
+    eventually(
+        "the pod's connection closed once its rule is gone",
+        Duration::from_secs(20),
+        async || node.pod_conns().is_empty(),
+    )
+    .await;
+
     // A bad object alone still keeps the service closed: it allows nothing,
     // though it names us (uid 0) beside its typo.
     apply(
