@@ -829,8 +829,11 @@ pub mod forwarder_client {
                 .insert(GrpcMethod::new("nsm.forwarder.v1.Forwarder", "Program"));
             self.inner.unary(req, path, codec).await
         }
-        /// Tears the cross-connect down (interfaces, sessions, keys). Removing an
-        /// unknown id succeeds, so that the manager can retry freely.
+        /// Tears the cross-connect down (interfaces, sessions, keys). Returns once
+        /// its interfaces are deleted, so their names are free again; Removes made
+        /// at once delete their interfaces concurrently. Removing an unknown id
+        /// succeeds, so that the manager can retry freely (if that id's Remove is
+        /// still under way, it returns once that one has).
         pub async fn remove(
             &mut self,
             request: impl tonic::IntoRequest<super::RemoveRequest>,
@@ -932,8 +935,11 @@ pub mod forwarder_server {
             tonic::Response<super::CrossConnectStatus>,
             tonic::Status,
         >;
-        /// Tears the cross-connect down (interfaces, sessions, keys). Removing an
-        /// unknown id succeeds, so that the manager can retry freely.
+        /// Tears the cross-connect down (interfaces, sessions, keys). Returns once
+        /// its interfaces are deleted, so their names are free again; Removes made
+        /// at once delete their interfaces concurrently. Removing an unknown id
+        /// succeeds, so that the manager can retry freely (if that id's Remove is
+        /// still under way, it returns once that one has).
         async fn remove(
             &self,
             request: tonic::Request<super::RemoveRequest>,
