@@ -3,15 +3,23 @@
 //!
 //! The registry is control-plane state only: what the manager asked for,
 //! which pod devices (ports) and keys belong to each cross-connect. Program
-//! and Remove hold its lock for their whole run, so they apply one at a
-//! time and in order; the packet threads never wait for it, because every
-//! change reaches the data plane as a closure run between two batches
-//! ([`WorkerHandle::call`]). One step runs outside the lock: the kernel's
-//! deletion of a removed cross-connect's devices (closing their fds takes
-//! 15 to 20 ms each, in RCU grace periods, and overlaps freely), so that
-//! many Removes at once take about as long as one. Remove still returns
-//! only once its devices are gone, and a Program reusing one of their names
-//! waits for that.
+//! and Remove of one id run one at a time and in order (a lock per id);
+//! the packet threads never wait for either, because every change reaches
+//! the data plane as a closure run between two batches
+//! ([`WorkerHandle::call`]).
+//!
+//! The registry's own lock is held for the bookkeeping, not for the slow
+//! kernel work, so that many connections set up or torn down at once
+//! overlap it:
+//! - A new cross-connect's devices are made with the registry let go (about
+//!   2 ms each: a thread in the pod's namespace, the device, netlink), both
+//!   sides at once; their names are reserved meanwhile, so another id asking
+//!   for one is refused AlreadyExists as if it existed. An update makes its
+//!   devices in order, under the lock.
+//! - A removed cross-connect's devices are deleted after the registry is let
+//!   go (closing their fds takes 15 to 20 ms each, in RCU grace periods, and
+//!   overlaps freely). Remove still returns only once its devices are gone,
+//!   and a Program reusing one of their names waits for that.
 //!
 //! Workers: each packet thread owns a shard of the cross-connects (its own
 //! `Dataplane`, its own WireGuard socket on port `--wireguard-port + k`).
@@ -122,12 +130,19 @@ struct Entry {
     worker: usize,
 }
 
+/// A pod interface by (namespace `(st_dev, st_ino)`, name).
+type IfaceKey = ((u64, u64), String);
+
+fn iface_key(k: &KernelPlan) -> IfaceKey {
+    (k.netns.id, k.name.clone())
+}
+
 /// A removed cross-connect whose devices' fds are still being closed.
 #[derive(Debug)]
 struct Closing {
     id: String,
-    /// Its pod interfaces, by (namespace `(st_dev, st_ino)`, name).
-    ifaces: Vec<((u64, u64), String)>,
+    /// Its pod interfaces.
+    ifaces: Vec<IfaceKey>,
     /// Locked until the close is done.
     done: Arc<Mutex<()>>,
 }
@@ -143,6 +158,9 @@ struct Registry {
     /// names again, or a second Remove of the id, waits for the close
     /// ([`Registry::wait_closed`]).
     closing: Vec<Closing>,
+    /// Interface names a Program of a new cross-connect is creating with
+    /// the registry let go, by id: no other id may take them meanwhile.
+    creating: Vec<(String, Vec<IfaceKey>)>,
 }
 
 impl Registry {
@@ -162,26 +180,39 @@ impl Registry {
         self.closing.retain(|c| c.done.try_lock().is_err());
     }
 
+    /// The closes still under way among those `which` selects.
+    fn closes(&mut self, which: impl Fn(&Closing) -> bool) -> Vec<Arc<Mutex<()>>> {
+        self.prune_closed();
+        self.closing
+            .iter()
+            .filter(|c| which(c))
+            .map(|c| Arc::clone(&c.done))
+            .collect()
+    }
+
     /// Waits until the close of every removed cross-connect `which`
     /// selects is done. The closer does not need the registry, so waiting
     /// while holding it is safe.
     async fn wait_closed(&mut self, which: impl Fn(&Closing) -> bool) {
-        self.prune_closed();
-        let pending: Vec<_> = self
-            .closing
-            .iter()
-            .filter(|c| which(c))
-            .map(|c| Arc::clone(&c.done))
-            .collect();
-        for done in pending {
-            drop(done.lock().await);
-        }
+        wait_all(self.closes(which)).await;
+    }
+}
+
+/// Waits until each of `closes` is done.
+async fn wait_all(closes: Vec<Arc<Mutex<()>>>) {
+    for done in closes {
+        drop(done.lock().await);
     }
 }
 
 #[derive(Debug)]
 struct Shared {
     identity: Identity,
+    /// One lock per cross-connect id with a Program or Remove under way:
+    /// they run one at a time and in order per id, while the registry lock
+    /// is let go for the slow steps (making and deleting devices), so that
+    /// different ids proceed at once.
+    id_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// One per packet thread; worker k owns WireGuard port base + k.
     workers: Vec<WorkerHandle>,
     registry: Mutex<Registry>,
@@ -213,6 +244,7 @@ impl ForwarderService {
             shared: Arc::new(Shared {
                 identity,
                 workers,
+                id_locks: std::sync::Mutex::new(HashMap::new()),
                 registry: Mutex::new(Registry::default()),
                 events,
                 shutdown: tokio::sync::watch::Sender::new(false),
@@ -281,6 +313,18 @@ impl ForwarderService {
         self.shared.shutdown.send_replace(true);
     }
 
+    /// The lock of cross-connect `id` (see `Shared::id_locks`).
+    fn lock_for(&self, id: &str) -> Arc<Mutex<()>> {
+        let mut locks = self
+            .shared
+            .id_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Only ids with an operation under way (or queued) are kept.
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        Arc::clone(locks.entry(id.to_string()).or_default())
+    }
+
     /// The packet thread of worker `i`.
     fn worker(&self, i: usize) -> &WorkerHandle {
         // Entries only hold indices below the count, fixed at start.
@@ -315,6 +359,8 @@ impl ForwarderService {
     }
 
     async fn remove_id(&self, id: &str) -> Result<(), Status> {
+        let id_lock = self.lock_for(id);
+        let _one_at_a_time = id_lock.lock().await;
         let mut reg = self.shared.registry.lock().await;
         let Some(entry) = reg.entries.remove(id) else {
             // Removed already; maybe its devices are still being deleted.
@@ -388,6 +434,8 @@ impl ForwarderService {
     ) -> Result<pb::CrossConnectStatus, Refusal> {
         let plan = plan::parse(&req)?;
         let id = plan.id.clone();
+        let id_lock = self.lock_for(&id);
+        let _one_at_a_time = id_lock.lock().await;
         let mut reg = self.shared.registry.lock().await;
 
         if let Some(e) = reg.entries.get(&id)
@@ -399,6 +447,18 @@ impl ForwarderService {
         }
 
         // An interface name may be used once per namespace.
+        for (other_id, names) in &reg.creating {
+            if let Some(k) = kernel_sides(&plan).find(|k| names.contains(&iface_key(k))) {
+                return Err(Refusal::new(
+                    tonic::Code::AlreadyExists,
+                    format!(
+                        "interface {} in {} is being created for cross-connect {other_id}",
+                        k.name,
+                        k.netns.path.display()
+                    ),
+                ));
+            }
+        }
         for (other_id, other) in &reg.entries {
             if *other_id == id {
                 continue;
@@ -427,10 +487,36 @@ impl ForwarderService {
             return self.swap_chain(reg, req, plan).await;
         }
 
+        let mtu = plan.effective_mtu(self.shared.identity.derived_mtu());
+        // A new cross-connect's devices are made with the registry let go
+        // (a couple of milliseconds each, most of a Program's time), their
+        // names reserved meanwhile; an update makes them below, in order.
+        let mut made_early: [Option<pod::Created>; 2] = [None, None];
+        if !reg.entries.contains_key(&id) {
+            let names: Vec<IfaceKey> = kernel_sides(&plan).map(iface_key).collect();
+            let closes = reg.closes(|c| c.ifaces.iter().any(|n| names.contains(n)));
+            reg.creating.push((id.clone(), names));
+            drop(reg);
+            wait_all(closes).await;
+            let made = self.create_devices(&plan, mtu, &id).await;
+            reg = self.shared.registry.lock().await;
+            reg.creating.retain(|(i, _)| *i != id);
+            made_early = match made {
+                Ok(m) => m,
+                Err(e) => return Err(e),
+            };
+        }
+
         // Built before anything is touched, so that a chain that cannot be
         // built (a mirror file that cannot be created) changes nothing.
-        let mtu = plan.effective_mtu(self.shared.identity.derived_mtu());
-        let (new_chain, installed, delay) = build_chain(&plan.chain, &id, mtu).await?;
+        let built = build_chain(&plan.chain, &id, mtu).await;
+        let (new_chain, installed, delay) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                close_devices(made_early.into_iter().flatten().map(|c| c.fd).collect()).await;
+                return Err(e);
+            }
+        };
 
         // A cross-connect keeps its worker for life: its session and
         // devices live there.
@@ -494,17 +580,19 @@ impl ForwarderService {
             if pods[i].is_some() {
                 continue;
             }
-            reg.wait_closed(|c| {
-                c.ifaces
-                    .iter()
-                    .any(|(ns, name)| *ns == k.netns.id && *name == k.name)
-            })
-            .await;
-            let created = match pod::create(k, mtu, &id).await {
-                Ok(c) => c,
-                Err(e) => {
-                    self.undo_ports(&mut reg, w, &made).await;
-                    return Err(self.failed_update(existed, &id, e).await);
+            let created = match made_early[i].take() {
+                Some(c) => c,
+                None => {
+                    reg.wait_closed(|c| c.ifaces.contains(&iface_key(k))).await;
+                    match pod::create(k, mtu, &id).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            self.undo_ports(&mut reg, w, &made).await;
+                            close_devices(made_early.into_iter().flatten().map(|c| c.fd).collect())
+                                .await;
+                            return Err(self.failed_update(existed, &id, e).await);
+                        }
+                    }
                 }
             };
             let port = reg.alloc_port();
@@ -518,6 +606,7 @@ impl ForwarderService {
             if let Err(e) = added {
                 reg.free_port(port);
                 self.undo_ports(&mut reg, w, &made).await;
+                close_devices(made_early.into_iter().flatten().map(|c| c.fd).collect()).await;
                 let e = Refusal::new(
                     tonic::Code::Internal,
                     format!("registering interface {}: {e}", k.name),
@@ -618,6 +707,39 @@ impl ForwarderService {
         });
         drop(reg);
         Ok(status)
+    }
+
+    /// Makes the devices of `plan`'s kernel sides, both at once, indexed by
+    /// side (source, destination). On a failure none is left.
+    async fn create_devices(
+        &self,
+        plan: &Plan,
+        mtu: u32,
+        id: &str,
+    ) -> Result<[Option<pod::Created>; 2], Refusal> {
+        async fn make(
+            side: &SidePlan,
+            mtu: u32,
+            id: &str,
+        ) -> Result<Option<pod::Created>, Refusal> {
+            match side {
+                SidePlan::Kernel(k) => pod::create(k, mtu, id).await.map(Some),
+                SidePlan::Wireguard(_) => Ok(None),
+            }
+        }
+        let [source, destination] = plan.sides();
+        match tokio::join!(make(source, mtu, id), make(destination, mtu, id)) {
+            (Ok(a), Ok(b)) => Ok([a, b]),
+            (a, b) => {
+                let (made, err): (Vec<_>, Vec<_>) = [a, b].into_iter().partition(Result::is_ok);
+                let fds = made.into_iter().flatten().flatten().map(|c| c.fd).collect();
+                close_devices(fds).await;
+                Err(err
+                    .into_iter()
+                    .find_map(Result::err)
+                    .unwrap_or_else(|| Refusal::new(tonic::Code::Internal, "creating devices")))
+            }
+        }
     }
 
     /// The chain-only update: builds `plan`'s chain here, swaps it in
@@ -795,21 +917,26 @@ impl ForwarderService {
 
 /// [`chain::build`] on a blocking thread: a large ACL takes a while to
 /// index, and the runtime's threads also serve the other RPCs.
-/// The delay lines (for pods of `mtu`) are allocated there too.
+/// The delay lines (for pods of `mtu`) are allocated there too. The empty
+/// chain (most connections) is built here: the hand-off would cost more.
 async fn build_chain(
     plan: &plan::ChainPlan,
     id: &str,
     mtu: u32,
 ) -> Result<(nsm_dataplane::Chain, chain::Installed, PortDelay), Refusal> {
-    let (plan, id) = (plan.clone(), id.to_string());
-    tokio::task::spawn_blocking(move || {
-        chain::build(&plan, &id).map(|(c, i)| {
+    let build = move |plan: &plan::ChainPlan, id: &str| {
+        chain::build(plan, id).map(|(c, i)| {
             let d = i.port_delay(mtu);
             (c, i, d)
         })
-    })
-    .await
-    .map_err(|e| Refusal::new(tonic::Code::Internal, format!("building the chain: {e}")))?
+    };
+    if plan.spec.functions.is_empty() {
+        return build(plan, id);
+    }
+    let (plan, id) = (plan.clone(), id.to_string());
+    tokio::task::spawn_blocking(move || build(&plan, &id))
+        .await
+        .map_err(|e| Refusal::new(tonic::Code::Internal, format!("building the chain: {e}")))?
 }
 
 /// Whether the pod's namespace is still the one we created the device in.

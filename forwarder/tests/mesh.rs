@@ -364,6 +364,76 @@ fn removes_at_once_return_with_their_devices_gone() {
     assert!(p1.ping(ip("203.0.113.16"), WAIT), "{}", fw.log_text());
 }
 
+/// Programs at once (their devices are made with the registry let go):
+/// each succeeds and carries traffic; of two ids asking for one interface
+/// name at the same moment exactly one gets it, the other AlreadyExists,
+/// and nothing of the loser is left.
+#[test]
+fn programs_at_once_and_a_contested_name() {
+    require_root();
+    let node = one_node();
+    let (p1, p2) = (Netns::new(), Netns::new());
+    let fw = Forwarder::start(&node, "node", "192.0.2.1", &[]);
+    const N: usize = 12;
+    let req = |id: &str, name: &str, i: usize| {
+        let (a, b) = (
+            format!("198.51.100.{}", i + 1),
+            format!("203.0.113.{}", i + 1),
+        );
+        pb::CrossConnect {
+            id: id.into(),
+            source: Some(kernel(
+                &p1,
+                name,
+                &[&format!("{a}/32")],
+                &[&format!("{b}/32")],
+            )),
+            destination: Some(kernel(
+                &p2,
+                name,
+                &[&format!("{b}/32")],
+                &[&format!("{a}/32")],
+            )),
+            chain: None,
+        }
+    };
+    current_thread_rt().block_on(async {
+        let c = fw.client().await;
+        let all = (0..N).map(|i| {
+            let (mut c, r) = (c.clone(), req(&format!("many-{i}"), &format!("nsm-{i}"), i));
+            async move { c.program(r).await.map(|s| s.into_inner().state) }
+        });
+        for r in futures_util::future::join_all(all).await {
+            assert_eq!(
+                r.expect("program"),
+                pb::cross_connect_status::State::Up as i32
+            );
+        }
+        let contest = ["first", "second"].map(|id| {
+            let (mut c, r) = (c.clone(), req(id, "nsm-contested", N));
+            async move { c.program(r).await }
+        });
+        let [a, b] = contest;
+        let (a, b) = tokio::join!(a, b);
+        let lost = match (&a, &b) {
+            (Ok(_), Err(e)) | (Err(e), Ok(_)) => e,
+            _ => panic!("exactly one may win: {a:?} / {b:?}"),
+        };
+        assert_eq!(lost.code(), tonic::Code::AlreadyExists, "{lost}");
+        let mut c = c.clone();
+        let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+        assert_eq!(list.cross_connects.len(), N + 1);
+    });
+    for i in 0..N {
+        assert!(
+            p1.ping(ip(&format!("203.0.113.{}", i + 1)), WAIT),
+            "{}",
+            fw.log_text()
+        );
+    }
+    assert!(p1.has_link("nsm-contested") && p2.has_link("nsm-contested"));
+}
+
 /// Refusals carry the right code and a useful message, and leave nothing
 /// behind; the same Program twice gives the same result.
 #[test]
