@@ -446,36 +446,31 @@ impl ForwarderService {
             return Ok(st.into_iter().next().unwrap_or_default());
         }
 
-        // An interface name may be used once per namespace.
-        for (other_id, names) in &reg.creating {
+        // An interface name may be used once per namespace, counting the
+        // names of cross-connects whose devices are being made.
+        let taken = reg
+            .creating
+            .iter()
+            .map(|(other, names)| (other, names.clone(), "is being created for"))
+            .chain(
+                reg.entries
+                    .iter()
+                    .filter(|(other, _)| **other != id)
+                    .map(|(other, e)| {
+                        let names = kernel_sides(&e.plan).map(iface_key).collect();
+                        (other, names, "is already used by")
+                    }),
+            );
+        for (other_id, names, how) in taken {
             if let Some(k) = kernel_sides(&plan).find(|k| names.contains(&iface_key(k))) {
                 return Err(Refusal::new(
                     tonic::Code::AlreadyExists,
                     format!(
-                        "interface {} in {} is being created for cross-connect {other_id}",
+                        "interface {} in {} {how} cross-connect {other_id}",
                         k.name,
                         k.netns.path.display()
                     ),
                 ));
-            }
-        }
-        for (other_id, other) in &reg.entries {
-            if *other_id == id {
-                continue;
-            }
-            for mine in kernel_sides(&plan) {
-                for theirs in kernel_sides(&other.plan) {
-                    if mine.netns == theirs.netns && mine.name == theirs.name {
-                        return Err(Refusal::new(
-                            tonic::Code::AlreadyExists,
-                            format!(
-                                "interface {} in {} is already used by cross-connect {other_id}",
-                                mine.name,
-                                mine.netns.path.display()
-                            ),
-                        ));
-                    }
-                }
             }
         }
 
