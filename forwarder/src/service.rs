@@ -64,6 +64,7 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::chain;
 use crate::keys::{self, PrivateKey};
@@ -1167,7 +1168,20 @@ impl Forwarder for ForwarderService {
         let req = request.into_inner();
         let id = req.id.clone();
         nsm_trace::record_id(&id);
-        match self.program_inner(req).await {
+        // Carried out in a task of its own: a caller that goes away (and
+        // with it this future) must not stop a Program halfway, with names
+        // reserved or devices made and not yet registered.
+        let this = self.clone();
+        let task = tokio::spawn(
+            async move { this.program_inner(req).await }.instrument(tracing::Span::current()),
+        );
+        let done = task.await.unwrap_or_else(|e| {
+            Err(Refusal::new(
+                tonic::Code::Internal,
+                format!("program task: {e}"),
+            ))
+        });
+        match done {
             Ok(st) => Ok(Response::new(st)),
             Err(e) => {
                 tracing::warn!(xconn = %id, code = ?e.code, error = %e.message, "program refused");
@@ -1179,7 +1193,13 @@ impl Forwarder for ForwarderService {
     async fn remove(&self, request: Request<pb::RemoveRequest>) -> Result<Response<()>, Status> {
         let id = request.into_inner().id;
         nsm_trace::record_id(&id);
-        self.remove_id(&id).await?;
+        // In a task of its own, as Program (a Remove must not stop halfway).
+        let this = self.clone();
+        let task = tokio::spawn(
+            async move { this.remove_id(&id).await }.instrument(tracing::Span::current()),
+        );
+        task.await
+            .map_err(|e| Status::internal(format!("remove task: {e}")))??;
         Ok(Response::new(()))
     }
 

@@ -423,6 +423,27 @@ fn programs_at_once_and_a_contested_name() {
         let mut c = c.clone();
         let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
         assert_eq!(list.cross_connects.len(), N + 1);
+
+        // Callers that give up halfway (the call dropped after a fraction
+        // of a millisecond) leave no name reserved: once their ids are
+        // removed, the name can be had again.
+        for k in 0..10u64 {
+            let call = c.program(req(&format!("gave-up-{k}"), "nsm-again", N + 1));
+            let _ = tokio::time::timeout(Duration::from_micros(100 * k), call).await;
+        }
+        for k in 0..10 {
+            c.remove(pb::RemoveRequest {
+                id: format!("gave-up-{k}"),
+            })
+            .await
+            .expect("remove");
+        }
+        let st = c
+            .program(req("again", "nsm-again", N + 1))
+            .await
+            .expect("the name is free again")
+            .into_inner();
+        assert_eq!(st.state, pb::cross_connect_status::State::Up as i32);
     });
     for i in 0..N {
         assert!(
