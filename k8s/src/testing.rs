@@ -69,8 +69,25 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> HarnessError + '_ {
 
 impl ApiServer {
     /// Starts etcd and kube-apiserver (`$NSM_KUBE_APISERVER` or the cached
-    /// build) and returns when `/readyz` answers ok.
+    /// build) and returns when `/readyz` answers ok. Loopback ports are
+    /// picked free and then bound by the child processes; a port another
+    /// test took in between ("address already in use") costs a new attempt
+    /// with new ports, up to three.
     pub fn start() -> Result<Self, HarnessError> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once() {
+                Err(HarnessError::NotReady(_, log))
+                    if attempt < 3 && log.contains("address already in use") =>
+                {
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn start_once() -> Result<Self, HarnessError> {
         let apiserver_bin = std::env::var_os("NSM_KUBE_APISERVER")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_APISERVER));
@@ -188,6 +205,14 @@ impl ApiServer {
         while Instant::now() < deadline {
             if self.ready() {
                 return Ok(());
+            }
+            // One that exited (a port taken, a bad flag) will not get ready.
+            if self
+                .apiserver
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+            {
+                break;
             }
             std::thread::sleep(Duration::from_millis(250));
         }
