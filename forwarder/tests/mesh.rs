@@ -280,26 +280,7 @@ fn removes_at_once_return_with_their_devices_gone() {
     const N: usize = 16;
     let program = |c: &mut pb::forwarder_client::ForwarderClient<tonic::transport::Channel>,
                    i: usize| {
-        let (a, b) = (
-            format!("198.51.100.{}", i + 1),
-            format!("203.0.113.{}", i + 1),
-        );
-        let req = pb::CrossConnect {
-            id: format!("many-{i}"),
-            source: Some(kernel(
-                &p1,
-                &format!("nsm-{i}"),
-                &[&format!("{a}/32")],
-                &[&format!("{b}/32")],
-            )),
-            destination: Some(kernel(
-                &p2,
-                &format!("nsm-{i}"),
-                &[&format!("{b}/32")],
-                &[&format!("{a}/32")],
-            )),
-            chain: None,
-        };
+        let req = same_node(&p1, &p2, &format!("many-{i}"), &format!("nsm-{i}"), i);
         let mut c = c.clone();
         async move {
             let st = c.program(req).await.expect("program").into_inner();
@@ -375,28 +356,7 @@ fn programs_at_once_and_a_contested_name() {
     let (p1, p2) = (Netns::new(), Netns::new());
     let fw = Forwarder::start(&node, "node", "192.0.2.1", &[]);
     const N: usize = 12;
-    let req = |id: &str, name: &str, i: usize| {
-        let (a, b) = (
-            format!("198.51.100.{}", i + 1),
-            format!("203.0.113.{}", i + 1),
-        );
-        pb::CrossConnect {
-            id: id.into(),
-            source: Some(kernel(
-                &p1,
-                name,
-                &[&format!("{a}/32")],
-                &[&format!("{b}/32")],
-            )),
-            destination: Some(kernel(
-                &p2,
-                name,
-                &[&format!("{b}/32")],
-                &[&format!("{a}/32")],
-            )),
-            chain: None,
-        }
-    };
+    let req = |id: &str, name: &str, i: usize| same_node(&p1, &p2, id, name, i);
     current_thread_rt().block_on(async {
         let c = fw.client().await;
         let all = (0..N).map(|i| {

@@ -1682,12 +1682,19 @@ impl Manager {
     }
 
     /// Undoes everything a record stands for, ignoring (but logging) failures.
+    ///
+    /// The local cross-connect and the next hop are closed at once: each
+    /// side's Remove waits out the kernel's deletion of a device (15 to
+    /// 20 ms), so one after the other doubled the time of a Close. The
+    /// lease goes last, once no interface here holds its addresses.
     async fn teardown(&self, rec: &Record) {
         let id = &rec.id;
-        if let Err(e) = self.forwarder.remove(id).await {
-            tracing::warn!(id = %id, error = %e, "forwarder Remove failed");
-        }
-        self.close_endpoint(&rec.next_url, &rec.downstream.0).await;
+        let local = async {
+            if let Err(e) = self.forwarder.remove(id).await {
+                tracing::warn!(id = %id, error = %e, "forwarder Remove failed");
+            }
+        };
+        tokio::join!(local, self.close_endpoint(&rec.next_url, &rec.downstream.0));
         if let Some(service) = &rec.lease
             && let Err(e) = self.ipam.release(service, id).await
         {

@@ -181,6 +181,15 @@ impl Handle {
     }
 }
 
+/// The peer listener's connections, with `TCP_NODELAY`: a reply is a few
+/// small frames written one by one (headers, data, trailers), and with
+/// Nagle the last waits for the caller's delayed ACK, 40 ms on every
+/// Request and Close between managers. (The mTLS listener sets it in
+/// `Tls::incoming`.)
+fn peer_incoming(tcp: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true))
+}
+
 /// Address to advertise when listening on `addr`: an unspecified address is
 /// replaced by the address this host would use to reach the documentation
 /// network (no packet is sent), which is the underlay in the testbed.
@@ -390,10 +399,8 @@ pub async fn start(opts: Options) -> Result<Handle, StartError> {
             })
         }
         None => {
-            let srv = router(false).serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(tcp),
-                signal(stop_rx.clone()),
-            );
+            let srv = router(false)
+                .serve_with_incoming_shutdown(peer_incoming(tcp), signal(stop_rx.clone()));
             tokio::spawn(async move {
                 if let Err(e) = srv.await {
                     tracing::error!(error = %e, "TCP listener failed");
@@ -567,5 +574,20 @@ impl MonitorConnection for MonitorServer {
         Ok(Response::new(Box::pin(
             tokio_stream::once(Ok(first)).chain(tail),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn peer_connections_send_without_delay() {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut incoming = peer_incoming(tcp);
+        let (accepted, _client) =
+            tokio::join!(incoming.next(), tokio::net::TcpStream::connect(addr));
+        assert!(accepted.unwrap().unwrap().nodelay().unwrap());
     }
 }

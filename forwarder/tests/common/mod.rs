@@ -332,6 +332,20 @@ pub fn kernel(pod: &Netns, name: &str, addrs: &[&str], routes: &[&str]) -> pb::S
     }
 }
 
+/// Same-node cross-connect number `i` between `p1` and `p2`: interface
+/// `name` on both sides, 198.51.100.(i+1)/32 in `p1` and 203.0.113.(i+1)/32
+/// in `p2`, each with a host route to the other (so `i` below 254).
+pub fn same_node(p1: &Netns, p2: &Netns, id: &str, name: &str, i: usize) -> pb::CrossConnect {
+    let a = format!("198.51.100.{}/32", i + 1);
+    let b = format!("203.0.113.{}/32", i + 1);
+    pb::CrossConnect {
+        id: id.into(),
+        source: Some(kernel(p1, name, &[&a], &[&b])),
+        destination: Some(kernel(p2, name, &[&b], &[&a])),
+        chain: None,
+    }
+}
+
 /// A WireGuard side to the peer's default port (51820: its first packet
 /// thread's).
 pub fn wireguard(peer_ip: &str, peer_key: &str) -> pb::Side {
