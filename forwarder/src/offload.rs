@@ -330,8 +330,11 @@ impl Seg<'_> {
 /// back into the same datagrams at the socket, so one `writev` and one
 /// trip through IP replace one per datagram. A datagram whose UDP checksum
 /// is wrong is never joined (the superpacket's checksums are computed
-/// anew, which would hide the error): it goes out alone and the pod's
-/// kernel drops it as it would have.
+/// anew, which would rewrite it): it goes out alone, byte for byte as it
+/// came. Like every packet we write it is marked verified (see the module
+/// doc: the kernel's own WireGuard marks decrypted packets so too), so the
+/// pod's kernel does not check it again; TCP segments are joined without a
+/// check for the same reason.
 ///
 /// Only the plain case is joined: IPv4 without options or IPv6 without
 /// extension headers, TCP with ACK (and PSH on the last segment) only,

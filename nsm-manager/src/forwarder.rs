@@ -42,10 +42,26 @@ pub enum ForwarderError {
 }
 
 impl From<ForwarderError> for Status {
+    /// The forwarder's code where it says something about the request the
+    /// client can act on (its interface name is taken, its namespace is
+    /// gone, ...) or about the forwarder being away; anything else is
+    /// ours, Internal.
     fn from(e: ForwarderError) -> Status {
+        use tonic::Code;
         match &e {
-            ForwarderError::Call { status, .. } if status.code() == tonic::Code::Unavailable => {
-                Status::unavailable(e.to_string())
+            ForwarderError::Call { status, .. }
+                if matches!(
+                    status.code(),
+                    Code::Unavailable
+                        | Code::AlreadyExists
+                        | Code::NotFound
+                        | Code::InvalidArgument
+                        | Code::FailedPrecondition
+                        | Code::ResourceExhausted
+                        | Code::DeadlineExceeded
+                ) =>
+            {
+                Status::new(status.code(), e.to_string())
             }
             _ => Status::internal(e.to_string()),
         }

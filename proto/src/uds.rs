@@ -73,22 +73,49 @@ pub fn connect_unix_lazy(path: impl AsRef<Path>) -> Channel {
 /// reported as [`io::ErrorKind::AlreadyExists`] and never deleted. Missing
 /// parent directories are created.
 ///
+/// The file appears at `path` only once the socket listens: it is bound
+/// under a temporary name beside it and then linked into place (`link(2)`
+/// fails rather than replace a file another server put there meanwhile).
+/// So a client that waits for the file to exist never finds it refusing
+/// connections (a bind followed by a listen would leave that window).
+///
 /// The socket file is not removed when the listener is dropped; the next
 /// bind cleans it up.
 ///
 /// # Errors
 /// The conditions above, or any I/O error from creating the directory,
-/// removing the stale file or binding.
+/// removing the stale file, binding or linking.
 ///
 /// # Panics
 /// Outside a tokio runtime with I/O enabled (as `tokio::net::UnixListener`).
 pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<UnixListenerStream> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
     let path = path.as_ref();
     remove_stale_socket(path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
         std::fs::create_dir_all(dir)?;
     }
-    Ok(UnixListenerStream::new(UnixListener::bind(path)?))
+    // Short, so that it fits the 108 bytes of a socket address wherever
+    // `path` does.
+    let tmp = dir.unwrap_or(Path::new(".")).join(format!(
+        ".b{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(UnixListenerStream::new(listener)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another process is serving on {}", path.display()),
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes `path` if it is a socket nobody listens on; see [`bind_unix`].

@@ -56,3 +56,33 @@ async fn lazy_channel_fails_per_call_until_a_server_listens() {
         .expect_err("nobody listens yet");
     assert_eq!(err.code(), Code::Unavailable);
 }
+
+/// The socket file appears only once it accepts: a client that connects as
+/// soon as it sees the file is never refused, and nothing else is left in
+/// the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_file_appears_only_once_it_accepts() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    for i in 0..200 {
+        let path = dir.path().join(format!("s{i}.sock"));
+        let watched = path.clone();
+        let watcher = std::thread::spawn(move || {
+            while !watched.exists() {
+                std::hint::spin_loop();
+            }
+            std::os::unix::net::UnixStream::connect(&watched).map(drop)
+        });
+        let listener = uds::bind_unix(&path).expect("bind");
+        watcher.join().expect("watcher").unwrap_or_else(|e| {
+            panic!("bind {i}: the file was there before the socket listened: {e}")
+        });
+        drop(listener);
+    }
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".sock"))
+        .collect();
+    left.sort();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}

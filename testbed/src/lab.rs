@@ -90,6 +90,17 @@ pub enum LabError {
         /// What was asked for.
         name: String,
     },
+    /// A program the lab needs was not found (`$NSM_BIN_DIR`, beside
+    /// nsm-testbed, `$PATH`).
+    #[error(
+        "lab `{lab}`: {program} is not built: build it (`cargo build --release --workspace --bins`) or point NSM_BIN_DIR at it"
+    )]
+    NotBuilt {
+        /// Lab name.
+        lab: String,
+        /// The program.
+        program: String,
+    },
     /// A step of building or removing the lab failed.
     #[error("lab `{lab}`: {step}: {source}")]
     Step {
@@ -303,6 +314,19 @@ impl Lab {
         let dir = opts.state_root.join(&name);
         if dir.exists() || sys::list_netns().iter().any(|n| belongs_to(n, &name)) {
             return Err(LabError::Exists(name));
+        }
+        // Checked before anything is made: a passthrough endpoint cannot run
+        // without its program (a mesh not built at all is allowed: the lab
+        // comes up without it and says so).
+        if opts.mesh
+            && topology.endpoints.iter().any(|e| e.passthrough)
+            && sys::find_program(PASSTHROUGH).is_none()
+            && MESH_PROGRAMS.iter().all(|p| sys::find_program(p).is_some())
+        {
+            return Err(LabError::NotBuilt {
+                lab: name,
+                program: PASSTHROUGH.into(),
+            });
         }
         let plan = topology.plan();
         let mut lab = Lab {
@@ -752,9 +776,9 @@ impl Lab {
             // Chain functions need their own program, looked up only when used.
             let passthrough = if self.topology.endpoints.iter().any(|e| e.passthrough) {
                 Some(
-                    sys::find_program(PASSTHROUGH).ok_or_else(|| LabError::NoMember {
+                    sys::find_program(PASSTHROUGH).ok_or_else(|| LabError::NotBuilt {
                         lab: self.topology.name.clone(),
-                        name: format!("{PASSTHROUGH} (not built: cargo build -p nsm-passthrough)"),
+                        program: PASSTHROUGH.into(),
                     })?,
                 )
             } else {
@@ -1359,9 +1383,9 @@ impl Lab {
     /// Starts a mesh program again on a node (or endpoint pod) with the
     /// flags `up` gave it, and returns once it listens on its socket.
     pub fn restart(&mut self, member: &str, program: &str) -> Result<(), LabError> {
-        let path = sys::find_program(program).ok_or_else(|| LabError::NoMember {
+        let path = sys::find_program(program).ok_or_else(|| LabError::NotBuilt {
             lab: self.topology.name.clone(),
-            name: format!("{program} (not built)"),
+            program: program.to_string(),
         })?;
         let (args, socket) = match program {
             "nsm-forwarder" => (self.forwarder_args(member), self.forwarder_socket(member)),

@@ -363,33 +363,43 @@ fn lab_name_of(arg: &str) -> Result<String, CliError> {
 
 fn print_status(s: &lab::Status) {
     println!("lab {}  (state {})", s.name, s.state_dir);
-    println!(
-        "{:<14} {:<28} {:<14} MANAGER SOCKET",
-        "NODE", "NETNS", "UNDERLAY"
+    print_table(
+        &["NODE", "NETNS", "UNDERLAY", "MANAGER SOCKET"],
+        s.nodes.iter().map(|n| {
+            vec![
+                n.name.clone(),
+                n.netns.clone(),
+                n.underlay_ip.clone(),
+                n.manager_socket.clone(),
+            ]
+        }),
     );
-    for n in &s.nodes {
-        println!(
-            "{:<14} {:<28} {:<14} {}",
-            n.name, n.netns, n.underlay_ip, n.manager_socket
-        );
-    }
-    println!(
-        "{:<14} {:<14} {:<28} {:<14} ROLE",
-        "POD", "NODE", "NETNS", "IP"
+    print_table(
+        &["POD", "NODE", "NETNS", "IP", "ROLE"],
+        s.pods.iter().map(|p| {
+            let role = if p.endpoint { "endpoint" } else { "client" };
+            vec![
+                p.name.clone(),
+                p.node.clone(),
+                p.netns.clone(),
+                p.ip.clone(),
+                role.into(),
+            ]
+        }),
     );
-    for p in &s.pods {
-        let role = if p.endpoint { "endpoint" } else { "client" };
-        println!(
-            "{:<14} {:<14} {:<28} {:<14} {role}",
-            p.name, p.node, p.netns, p.ip
-        );
-    }
     if !s.processes.is_empty() {
-        println!("{:<14} {:<14} {:<8} STATE", "WHERE", "PROCESS", "PID");
-        for p in &s.processes {
-            let state = if p.running { "running" } else { "exited" };
-            println!("{:<14} {:<14} {:<8} {state}", p.member, p.program, p.pid);
-        }
+        print_table(
+            &["WHERE", "PROCESS", "PID", "STATE"],
+            s.processes.iter().map(|p| {
+                let state = if p.running { "running" } else { "exited" };
+                vec![
+                    p.member.clone(),
+                    p.program.clone(),
+                    p.pid.to_string(),
+                    state.into(),
+                ]
+            }),
+        );
     }
     if !s.missing_binaries.is_empty() {
         println!(
@@ -400,15 +410,48 @@ fn print_status(s: &lab::Status) {
     if s.connections.is_empty() {
         println!("connections: none");
     } else {
-        println!(
-            "{:<12} {:<8} {:<14} {:<12} {:<16} {:<16} STATE",
-            "POD", "IFACE", "SERVICE", "ENDPOINT", "SRC", "DST"
+        print_table(
+            &["POD", "IFACE", "SERVICE", "ENDPOINT", "SRC", "DST", "STATE"],
+            s.connections.iter().map(|c| {
+                vec![
+                    c.pod.clone(),
+                    c.interface.clone(),
+                    c.service.clone(),
+                    c.endpoint.clone(),
+                    c.src_ip.clone(),
+                    c.dst_ip.clone(),
+                    c.state.to_string(),
+                ]
+            }),
         );
-        for c in &s.connections {
-            println!(
-                "{:<12} {:<8} {:<14} {:<12} {:<16} {:<16} {}",
-                c.pod, c.interface, c.service, c.endpoint, c.src_ip, c.dst_ip, c.state
-            );
+    }
+}
+
+/// Prints `header` and `rows` as columns as wide as their widest cell (at
+/// least 8), one space apart, so that long names never shift a column.
+fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
+        .chain(rows)
+        .collect();
+    let mut widths = vec![8usize; header.len()];
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
         }
+    }
+    for r in &rows {
+        let last = r.len().saturating_sub(1);
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                if i == last {
+                    cell.clone()
+                } else {
+                    format!("{cell:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        println!("{}", line.join(" "));
     }
 }

@@ -464,3 +464,55 @@ fn a_signal_during_up_removes_the_half_built_lab() {
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_gone(&name, &marker, &links_before, &state);
 }
+
+/// A topology with a passthrough endpoint whose program is missing fails
+/// before anything is made, naming the program, and leaves nothing.
+#[test]
+fn a_missing_passthrough_program_is_named_and_nothing_is_made() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    // nsm-testbed and the mesh, without nsm-passthrough: programs are found
+    // beside nsm-testbed, and PATH holds none of ours.
+    let mut programs = vec![std::path::PathBuf::from(env!("CARGO_BIN_EXE_nsm-testbed"))];
+    for p in lab::MESH_PROGRAMS {
+        match sys::find_program(p) {
+            Some(path) => programs.push(path),
+            None => panic!("{p} not built: run `cargo build --workspace --bins` first"),
+        }
+    }
+    for p in &programs {
+        std::fs::copy(p, bin.join(p.file_name().unwrap())).unwrap();
+    }
+    let name = unique_lab_name("tnopt");
+    let file = dir.path().join("t.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: {name}\nnodes: [{{name: a}}]\n\
+             endpoints: [{{name: f, node: a, service: inspector, passthrough: true}}]\n"
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(bin.join("nsm-testbed"))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("NSM_TESTBED_DIR", &state)
+        .arg("up")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("nsm-passthrough is not built"),
+        "names the program: {stderr}"
+    );
+    assert!(
+        lab_namespaces(&name).is_empty(),
+        "nothing created: {stderr}"
+    );
+    assert!(!state.join(&name).exists(), "no state: {stderr}");
+}

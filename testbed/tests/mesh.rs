@@ -246,6 +246,26 @@ fn bad_requests_fail_with_a_status_naming_the_service_and_leave_nothing() {
         picky_before,
         "nothing left in the pod"
     );
+    // The client's own mistakes keep their codes through the forwarder:
+    // an interface name its pod already uses, a namespace that is not there.
+    let first = request(&lab, "web", "node-1", "nsm-1", "secure-net", true).expect("first");
+    let mut again = RequestedConnection {
+        id: format!("{name}-again"),
+        pod: "web".into(),
+        node: "node-1".into(),
+        interface: "nsm-1".into(),
+        service: "secure-net".into(),
+        labels: [("app".to_string(), "web".to_string())].into(),
+    };
+    let sock = lab.manager_socket("node-1");
+    let err = mesh::request(&sock, &netns_path(&lab, "web"), &again, true, TIMEOUT)
+        .expect_err("the name is taken");
+    assert!(err.starts_with("AlreadyExists"), "{err}");
+    again.interface = "nsm-2".into();
+    let gone = Path::new("/run/netns/nsmtb-no-such-namespace");
+    let err = mesh::request(&sock, gone, &again, true, TIMEOUT).expect_err("no such netns");
+    assert!(err.starts_with("NotFound"), "{err}");
+    mesh::close(&sock, &first, TIMEOUT).expect("close");
     assert!(
         mesh::connections(&lab.manager_socket("node-1"), TIMEOUT)
             .unwrap()

@@ -269,7 +269,7 @@ impl Forwarder {
     pub async fn client(&self) -> ForwarderClient<Channel> {
         let ch = nsm_proto::uds::connect_unix(&self.socket)
             .await
-            .expect("connect to forwarder");
+            .unwrap_or_else(|e| panic!("connect to forwarder: {e:?}: {}", self.log_text()));
         ForwarderClient::new(ch)
     }
 
