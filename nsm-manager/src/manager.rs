@@ -974,7 +974,16 @@ impl Manager {
         let mut rec = match result {
             Ok(rec) => rec,
             Err(e) => {
-                tracing::warn!(id = %id, service = %service, error = %e, "request failed");
+                // A connection already down fails each retry the same way:
+                // `mark_down` has said so once.
+                if existing
+                    .as_ref()
+                    .is_some_and(|r| r.conn.0.state == State::Down as i32)
+                {
+                    tracing::debug!(id = %id, service = %service, error = %e, "request failed");
+                } else {
+                    tracing::warn!(id = %id, service = %service, error = %e, "request failed");
+                }
                 return Err(e);
             }
         };
@@ -1824,12 +1833,54 @@ impl Manager {
             } else if self.endpoint_gone(&rec) {
                 self.heal(&id, &rec, now).await;
             } else if managed
-                && now.saturating_sub(rec.refreshed_ms) >= third
+                && (now.saturating_sub(rec.refreshed_ms) >= third
+                    || (rec.conn.0.state == State::Down as i32 && self.attempt_due(&id, now)))
                 && let Err(e) = self.refresh(&rec).await
             {
-                tracing::warn!(id = %id, error = %e, "refresh of managed connection failed");
+                self.mark_down(&id, &e).await;
             }
         }
+    }
+
+    /// Paces attempts to bring a connection back (healing, or retrying one
+    /// that is down): true, and noted, when none was made for `id` in the
+    /// last two seconds.
+    fn attempt_due(&self, id: &str, now: u64) -> bool {
+        const PACE_MS: u64 = 2_000;
+        let mut m = self.heal_attempts.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, t| now.saturating_sub(*t) < 60_000);
+        if m.get(id).is_some_and(|t| now.saturating_sub(*t) < PACE_MS) {
+            return false;
+        }
+        m.insert(id.to_string(), now);
+        true
+    }
+
+    /// A managed connection that could not be refreshed or healed (its
+    /// endpoint is gone and no other serves the service, a peer is away,
+    /// ...) is DOWN: watchers get an UPDATE saying so, once, and the
+    /// failure is logged once. It is retried every pass; the first success
+    /// makes it UP again (with its own UPDATE).
+    async fn mark_down(&self, id: &str, err: &RequestError) {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let Some(mut rec) = self.conns.get(id) else {
+            return;
+        };
+        if rec.conn.0.state == State::Down as i32 {
+            tracing::debug!(id = %id, error = %err, "still down");
+            return;
+        }
+        tracing::warn!(id = %id, error = %err, "connection down: cannot refresh it; retrying");
+        rec.conn.0.state = State::Down as i32;
+        if let Err(e) = self.conns.put(id, rec.clone()) {
+            tracing::warn!(id = %id, error = %e, "recording the connection down");
+        }
+        self.emit(
+            ConnectionEventType::Update,
+            &rec.conn.0,
+            rec.requester.as_ref(),
+        );
     }
 
     /// A local endpoint that unregistered (it stopped) no longer serves the
@@ -1846,17 +1897,15 @@ impl Manager {
     /// endpoint-side one is closed, and the DELETE event makes the client's
     /// manager, which monitors us, re-request it. Attempts are paced.
     async fn heal(&self, id: &str, rec: &Record, now: u64) {
-        const PACE_MS: u64 = 2_000;
         crate::metrics::global().loss_detected(id);
-        {
-            let mut m = self.heal_attempts.lock().unwrap_or_else(|p| p.into_inner());
-            m.retain(|_, t| now.saturating_sub(*t) < 60_000);
-            if m.get(id).is_some_and(|t| now.saturating_sub(*t) < PACE_MS) {
-                return;
-            }
-            m.insert(id.to_string(), now);
+        if !self.attempt_due(id, now) {
+            return;
         }
-        tracing::info!(id = %id, endpoint = %rec.endpoint_name, role = ?rec.role, "endpoint gone; healing");
+        if rec.conn.0.state == State::Down as i32 {
+            tracing::debug!(id = %id, endpoint = %rec.endpoint_name, "endpoint gone; healing again");
+        } else {
+            tracing::info!(id = %id, endpoint = %rec.endpoint_name, role = ?rec.role, "endpoint gone; healing");
+        }
         let res = match rec.role {
             Role::Client => self.refresh(rec).await,
             Role::Endpoint => self
@@ -1867,6 +1916,7 @@ impl Manager {
         match res {
             Ok(()) if rec.role == Role::Client => crate::metrics::global().healed(id),
             Ok(()) => crate::metrics::global().forget(id),
+            Err(e) if rec.role == Role::Client => self.mark_down(id, &e).await,
             Err(e) => tracing::warn!(id = %id, error = %e, "healing failed; will retry"),
         }
     }
@@ -2002,7 +2052,7 @@ impl Manager {
                 {
                     tracing::info!(id = %id, peer = url, "peer lost the connection; refreshing");
                     if let Err(e) = self.refresh(&rec).await {
-                        tracing::warn!(id = %id, error = %e, "refresh after peer loss failed");
+                        self.mark_down(&id, &e).await;
                     }
                 }
             }
@@ -2033,7 +2083,7 @@ impl Manager {
             if deleted || (!key.is_empty() && key != ours) {
                 tracing::info!(id = %id, deleted, "peer side changed; refreshing");
                 if let Err(e) = self.refresh(&rec).await {
-                    tracing::warn!(id = %id, error = %e, "refresh after peer change failed");
+                    self.mark_down(&id, &e).await;
                 }
             }
         }

@@ -11,7 +11,8 @@
 //! that the addresses the mesh gave `C` (`context.ip_context`) reach the
 //! final endpoint unchanged: the client and the final endpoint talk to each
 //! other through us with their own addresses. What changes:
-//! - our path segment is appended to `C`'s path (name = our NSE name, id =
+//! - our path segment follows the caller's in `C`'s path (anything after
+//!   the caller's is dropped; name = our NSE name, id =
 //!   a uuid we keep per incoming connection, `expires` of the segment
 //!   before ours, no token) and `path.index` points at it; as in NSM, the
 //!   connection id of a request is the id of the requester's segment;
@@ -96,6 +97,14 @@ pub fn onward_request(
 ) -> NetworkServiceRequest {
     let mut conn = incoming.clone();
     let mut path = conn.path.take().unwrap_or_default();
+    // Ours goes right after the caller's segment (`path.index`), as NSM's
+    // updatepath puts a new hop: segments past it are a former route's (a
+    // manager re-routing a connection to us keeps the path it had), and
+    // would sit between the caller and us, unsigned and unvouched for.
+    let keep = usize::try_from(path.index)
+        .map_or(usize::MAX, |i| i.saturating_add(1))
+        .min(path.path_segments.len());
+    path.path_segments.truncate(keep);
     let expires = path.path_segments.last().and_then(|s| s.expires);
     path.path_segments.push(PathSegment {
         name: nse_name.to_string(),
@@ -276,6 +285,29 @@ mod tests {
         );
         assert_eq!(m.parameters[kernel::NAME], "pto-12345678");
         assert_eq!(m.parameters[kernel::INODE_URL], "file:///proc/7/ns/net");
+    }
+
+    /// A connection the manager re-routed to us still carries the former
+    /// route's segments after the manager's own: ours replaces them.
+    #[test]
+    fn onward_request_drops_a_former_route_after_the_caller() {
+        let mut c = incoming();
+        let path = c.path.as_mut().expect("path");
+        for (name, id) in [("node-2", "seg-old"), ("pt-2", "seg-old-pt")] {
+            path.path_segments.push(PathSegment {
+                name: name.into(),
+                id: id.into(),
+                ..Default::default()
+            });
+        }
+        let o = onward_request(&c, "pt-1", "seg-pt", "pto-1", "file:///x")
+            .connection
+            .expect("connection");
+        let path = o.path.expect("path");
+        let names: Vec<&str> = path.path_segments.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["client", "node-1", "pt-1"]);
+        assert_eq!(path.index, 2);
+        assert_eq!(path.path_segments[2].expires, path.path_segments[1].expires);
     }
 
     #[test]

@@ -358,6 +358,43 @@ fn policy_chain_filters_limits_steers_heals_and_injects_faults() {
         stopped.elapsed().as_secs_f64()
     );
 
+    // With no inspector left the connection cannot be healed: its manager
+    // says DOWN (once) and keeps trying; an inspector that comes back
+    // brings it UP again, and traffic with it.
+    let state = |lab: &Lab| {
+        mesh::connections(&lab.manager_socket("node-1"), TIMEOUT)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| {
+                c.path
+                    .as_ref()
+                    .and_then(|p| p.path_segments.first())
+                    .is_some_and(|s| s.id == req.id)
+            })
+            .map(|c| c.state)
+    };
+    let (up, down) = (
+        nsm_proto::connection::State::Up as i32,
+        nsm_proto::connection::State::Down as i32,
+    );
+    let log_before = manager_log(&lab, "node-1").len();
+    lab.stop(spare, "nsm-passthrough").expect("stop the spare");
+    wait_until(&lab, "the connection is reported DOWN", TIMEOUT, || {
+        state(&lab) == Some(down)
+    });
+    lab.restart(used, "nsm-passthrough")
+        .expect("restart the inspector");
+    wait_until(&lab, "the connection is UP again", TIMEOUT, || {
+        state(&lab) == Some(up)
+    });
+    wait_until(&lab, "traffic crosses again", TIMEOUT, || {
+        ok(&lab, "web", &["ping", "-c", "1", "-W", "1", &server])
+    });
+    let downs = manager_log(&lab, "node-1")[log_before..]
+        .matches("connection down: cannot refresh it")
+        .count();
+    assert_eq!(downs, 1, "said once, however many retries");
+
     // A fault policy instead: no inspector, ~10% of requests dropped.
     lab.set_policies_yaml(
         r#"
