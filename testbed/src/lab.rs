@@ -101,6 +101,18 @@ pub enum LabError {
         /// The program.
         program: String,
     },
+    /// `restart` of a program that does not run there.
+    #[error(
+        "lab `{lab}`: {program} does not run on {member} (nsm-forwarder and nsm-manager run on nodes, nsm-endpoint or nsm-passthrough on endpoint pods)"
+    )]
+    NotRestartable {
+        /// Lab name.
+        lab: String,
+        /// The node or pod asked for.
+        member: String,
+        /// The program asked for.
+        program: String,
+    },
     /// A step of building or removing the lab failed.
     #[error("lab `{lab}`: {step}: {source}")]
     Step {
@@ -1382,7 +1394,28 @@ impl Lab {
 
     /// Starts a mesh program again on a node (or endpoint pod) with the
     /// flags `up` gave it, and returns once it listens on its socket.
+    ///
+    /// # Errors
+    /// [`LabError::NotRestartable`] when `program` does not run on `member`
+    /// (forwarders and managers run on nodes; `nsm-endpoint` or
+    /// `nsm-passthrough`, as the topology says, on endpoint pods),
+    /// [`LabError::NotBuilt`], or the program failing to start.
     pub fn restart(&mut self, member: &str, program: &str) -> Result<(), LabError> {
+        let is_node = self.plan.nodes.iter().any(|n| n.name == member);
+        let endpoint = self.topology.endpoints.iter().find(|e| e.name == member);
+        let runs_there = match program {
+            "nsm-forwarder" | "nsm-manager" => is_node,
+            "nsm-endpoint" => endpoint.is_some_and(|e| !e.passthrough),
+            PASSTHROUGH => endpoint.is_some_and(|e| e.passthrough),
+            _ => false,
+        };
+        if !runs_there {
+            return Err(LabError::NotRestartable {
+                lab: self.topology.name.clone(),
+                member: member.to_string(),
+                program: program.to_string(),
+            });
+        }
         let path = sys::find_program(program).ok_or_else(|| LabError::NotBuilt {
             lab: self.topology.name.clone(),
             program: program.to_string(),
@@ -1393,10 +1426,11 @@ impl Lab {
             "nsm-endpoint" | PASSTHROUGH => {
                 (self.endpoint_args(member), self.endpoint_socket(member))
             }
-            other => {
-                return Err(LabError::NoMember {
+            _ => {
+                return Err(LabError::NotRestartable {
                     lab: self.topology.name.clone(),
-                    name: format!("{other} (only mesh programs restart)"),
+                    member: member.to_string(),
+                    program: program.to_string(),
                 });
             }
         };

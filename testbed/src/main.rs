@@ -114,6 +114,21 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         dot: Option<PathBuf>,
     },
+    /// Start a mesh program of a running lab again, with the flags `up` gave
+    /// it, stopping it first (SIGTERM) if it runs: `nsm-forwarder` or
+    /// `nsm-manager` on a node, `nsm-endpoint` or `nsm-passthrough` on an
+    /// endpoint pod. Returns once it listens. For trying healing by hand:
+    /// `kill -9` one (its PID is in `status`), watch the connections, then
+    /// restart it.
+    Restart {
+        /// The lab (default: the only lab up).
+        #[arg(long)]
+        lab: Option<String>,
+        /// Node or endpoint pod name.
+        member: String,
+        /// nsm-forwarder, nsm-manager, nsm-endpoint or nsm-passthrough.
+        program: String,
+    },
     /// Check a topology file without building anything.
     Validate {
         /// The topology file (YAML).
@@ -237,6 +252,30 @@ fn run(cmd: Cmd, opts: &Options) -> Result<ExitCode, CliError> {
                 "lab {}: policies from {} in force (managers apply them within a second)",
                 lab.name(),
                 file.display()
+            );
+            lab.detach();
+        }
+        Cmd::Restart {
+            lab,
+            member,
+            program,
+        } => {
+            let mut lab = Lab::find(lab.as_deref(), opts)?;
+            let running = |lab: &Lab| {
+                lab.status()
+                    .processes
+                    .into_iter()
+                    .find(|p| p.member == member && p.program == program && p.running)
+            };
+            // One instance per socket: a running one goes first.
+            if running(&lab).is_some() {
+                lab.stop(&member, &program)?;
+            }
+            lab.restart(&member, &program)?;
+            let pid = running(&lab).map_or(0, |p| p.pid);
+            println!(
+                "lab {}: {program} on {member} restarted (pid {pid})",
+                lab.name()
             );
             lab.detach();
         }

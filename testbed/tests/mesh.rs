@@ -3,6 +3,7 @@
 //! sees in the pods (interfaces, addresses, pings).
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nsm_testbed::lab::{Lab, Options};
@@ -443,5 +444,101 @@ pods: [{{name: l2web, node: node-1, annotations: {{networkservicemesh.io: "kerne
     assert!(
         neigh.contains(&c.dst_ip),
         "the peer was resolved by ARP: {neigh}"
+    );
+}
+
+/// `nsm-testbed restart` from the command line: a forwarder killed with
+/// SIGKILL comes back and the pod's connection heals; a program asked of
+/// a member it does not run on is refused with a message saying where it
+/// runs.
+#[test]
+fn cli_restart_brings_a_killed_forwarder_back() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let name = unique_lab_name("mcli");
+    let file = dir.path().join("lab.yaml");
+    std::fs::write(
+        &file,
+        two_node_topology(
+            &name,
+            r#"  - {name: web, node: node-1, annotations: {networkservicemesh.io: "kernel://secure-net/nsm-1"}}"#,
+        ),
+    )
+    .unwrap();
+    let testbed = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nsm-testbed"))
+            .env("NSM_TESTBED_DIR", &state)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The lab outlives the commands; the guard removes it whatever happens.
+    struct Down<'a>(&'a dyn Fn(&[&str]) -> std::process::Output, &'a str);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["down", self.1]);
+        }
+    }
+    let _down = Down(&testbed, &name);
+    let up = testbed(&["up", file.to_str().unwrap()]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let status = || -> serde_json::Value {
+        serde_json::from_slice(&testbed(&["status", "--json", "--lab", &name]).stdout).unwrap()
+    };
+    let forwarder_pid = |st: &serde_json::Value| {
+        st["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| {
+                p["member"] == "node-1" && p["program"] == "nsm-forwarder" && p["running"] == true
+            })
+            .map(|p| p["pid"].as_i64().unwrap())
+    };
+    let st = status();
+    let dst = st["connections"][0]["dst_ip"].as_str().unwrap().to_string();
+    let ping = || {
+        testbed(&[
+            "exec", "--lab", &name, "web", "--", "ping", "-c", "1", "-W", "1", &dst,
+        ])
+        .status
+        .success()
+    };
+    assert!(ping(), "traffic before");
+    let old = forwarder_pid(&st).expect("a running forwarder");
+    let killed = Command::new("kill")
+        .args(["-9", &old.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let out = testbed(&["restart", "--lab", &name, "node-1", "nsm-forwarder"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nsm-forwarder on node-1 restarted"));
+    let new = forwarder_pid(&status()).expect("running again");
+    assert_ne!(new, old);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ping() {
+        assert!(
+            Instant::now() < deadline,
+            "no traffic 60 s after the restart"
+        );
+    }
+
+    let out = testbed(&["restart", "--lab", &name, "web", "nsm-forwarder"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nsm-forwarder does not run on web"),
+        "{stderr}"
     );
 }
