@@ -1018,8 +1018,21 @@ fn the_underlay_carries_no_plaintext_of_pod_traffic_and_logs_no_keys() {
         ])
         // -Z root: do not drop to the tcpdump user (it could not write
         // into the test's private directory); --immediate-mode: hand every
-        // packet over at once (else a SIGTERM loses the buffered block).
-        .args(["-Z", "root", "--immediate-mode", "-U", "-n", "-w"])
+        // packet over at once (else a SIGTERM loses the buffered block);
+        // -B 65536 KiB: with -s 0 every packet takes a 256 KiB slot of the
+        // kernel's ring, and the default 2 MiB held only 8: a burst while
+        // tcpdump waited for a busy CPU was dropped, the control message
+        // with it (seen in CI: "8 packets dropped by kernel").
+        .args([
+            "-Z",
+            "root",
+            "--immediate-mode",
+            "-B",
+            "65536",
+            "-U",
+            "-n",
+            "-w",
+        ])
         .arg(&pcap)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -1065,6 +1078,14 @@ fn the_underlay_carries_no_plaintext_of_pod_traffic_and_logs_no_keys() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     tcpdump.wait().unwrap();
 
+    // A capture that lost packets proves nothing either way.
+    let tcpdump_err = std::fs::read_to_string(state.path().join("tcpdump.err")).unwrap_or_default();
+    let dropped: u64 = tcpdump_err
+        .lines()
+        .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert_eq!(dropped, 0, "the capture lost packets: {tcpdump_err}");
     let captured = std::fs::read(&pcap).unwrap();
     let contains = |needle: &str| {
         captured
