@@ -1837,7 +1837,7 @@ impl Manager {
                     || (rec.conn.0.state == State::Down as i32 && self.attempt_due(&id, now)))
                 && let Err(e) = self.refresh(&rec).await
             {
-                self.mark_down(&id, &e).await;
+                self.mark_down(&id, &rec, &e).await;
             }
         }
     }
@@ -1859,14 +1859,19 @@ impl Manager {
     /// A managed connection that could not be refreshed or healed (its
     /// endpoint is gone and no other serves the service, a peer is away,
     /// ...) is DOWN: watchers get an UPDATE saying so, once, and the
-    /// failure is logged once. It is retried every pass; the first success
-    /// makes it UP again (with its own UPDATE).
-    async fn mark_down(&self, id: &str, err: &RequestError) {
+    /// failure is logged once. It is tried again every 2 s; the first
+    /// success makes it UP again (with its own UPDATE). `tried` is the
+    /// record the failed attempt started from: if another attempt has
+    /// succeeded since (the record was refreshed), nothing changes.
+    async fn mark_down(&self, id: &str, tried: &Record, err: &RequestError) {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
         let Some(mut rec) = self.conns.get(id) else {
             return;
         };
+        if rec.refreshed_ms != tried.refreshed_ms {
+            return;
+        }
         if rec.conn.0.state == State::Down as i32 {
             tracing::debug!(id = %id, error = %err, "still down");
             return;
@@ -1916,7 +1921,7 @@ impl Manager {
         match res {
             Ok(()) if rec.role == Role::Client => crate::metrics::global().healed(id),
             Ok(()) => crate::metrics::global().forget(id),
-            Err(e) if rec.role == Role::Client => self.mark_down(id, &e).await,
+            Err(e) if rec.role == Role::Client => self.mark_down(id, rec, &e).await,
             Err(e) => tracing::warn!(id = %id, error = %e, "healing failed; will retry"),
         }
     }
@@ -2052,7 +2057,7 @@ impl Manager {
                 {
                     tracing::info!(id = %id, peer = url, "peer lost the connection; refreshing");
                     if let Err(e) = self.refresh(&rec).await {
-                        self.mark_down(&id, &e).await;
+                        self.mark_down(&id, &rec, &e).await;
                     }
                 }
             }
@@ -2083,7 +2088,7 @@ impl Manager {
             if deleted || (!key.is_empty() && key != ours) {
                 tracing::info!(id = %id, deleted, "peer side changed; refreshing");
                 if let Err(e) = self.refresh(&rec).await {
-                    self.mark_down(&id, &e).await;
+                    self.mark_down(&id, &rec, &e).await;
                 }
             }
         }
