@@ -1403,27 +1403,15 @@ impl Lab {
     pub fn restart(&mut self, member: &str, program: &str) -> Result<(), LabError> {
         let is_node = self.plan.nodes.iter().any(|n| n.name == member);
         let endpoint = self.topology.endpoints.iter().find(|e| e.name == member);
-        let runs_there = match program {
-            "nsm-forwarder" | "nsm-manager" => is_node,
-            "nsm-endpoint" => endpoint.is_some_and(|e| !e.passthrough),
-            PASSTHROUGH => endpoint.is_some_and(|e| e.passthrough),
-            _ => false,
-        };
-        if !runs_there {
-            return Err(LabError::NotRestartable {
-                lab: self.topology.name.clone(),
-                member: member.to_string(),
-                program: program.to_string(),
-            });
-        }
-        let path = sys::find_program(program).ok_or_else(|| LabError::NotBuilt {
-            lab: self.topology.name.clone(),
-            program: program.to_string(),
-        })?;
         let (args, socket) = match program {
-            "nsm-forwarder" => (self.forwarder_args(member), self.forwarder_socket(member)),
-            "nsm-manager" => (self.manager_args(member), self.manager_socket(member)),
-            "nsm-endpoint" | PASSTHROUGH => {
+            "nsm-forwarder" if is_node => {
+                (self.forwarder_args(member), self.forwarder_socket(member))
+            }
+            "nsm-manager" if is_node => (self.manager_args(member), self.manager_socket(member)),
+            "nsm-endpoint" if endpoint.is_some_and(|e| !e.passthrough) => {
+                (self.endpoint_args(member), self.endpoint_socket(member))
+            }
+            PASSTHROUGH if endpoint.is_some_and(|e| e.passthrough) => {
                 (self.endpoint_args(member), self.endpoint_socket(member))
             }
             _ => {
@@ -1434,6 +1422,10 @@ impl Lab {
                 });
             }
         };
+        let path = sys::find_program(program).ok_or_else(|| LabError::NotBuilt {
+            lab: self.topology.name.clone(),
+            program: program.to_string(),
+        })?;
         self.spawn(member, program, path.as_os_str(), &args)?;
         self.wait_listening(&socket)?;
         self.save_state()

@@ -468,6 +468,8 @@ fn print_status(s: &lab::Status) {
 
 /// Prints `header` and `rows` as columns as wide as their widest cell (at
 /// least 8), one space apart, so that long names never shift a column.
+/// (`nsm_manager::inspect::Table` renders nsmctl's tables the same way; the
+/// testbed does not link nsm-manager outside its tests.)
 fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
         .chain(rows)
