@@ -81,6 +81,9 @@ pub struct Settings {
     /// nsm-rs's forwarders carry WireGuard over a DPDK port (`net_af_packet`
     /// on each node's underlay veth) instead of the kernel's UDP socket.
     pub forwarder_dpdk: bool,
+    /// nsm-rs's forwarders run with `--lanes N` (and at least N packet
+    /// threads); 1 is the forwarder's default.
+    pub forwarder_lanes: u16,
 }
 
 /// A failure that stops the whole benchmark (anything smaller is recorded
@@ -277,10 +280,19 @@ pub fn run(s: &Settings, progress: &Progress) -> Result<Report, BenchError> {
         mesh: want_mesh,
         ..Options::default()
     };
+    let mut env = Vec::new();
+    if s.forwarder_lanes > 1 {
+        let n = s.forwarder_lanes.to_string();
+        env.push(("NSM_FORWARDER_LANES".to_string(), n.clone()));
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        if usize::from(s.forwarder_lanes) > cpus {
+            env.push(("NSM_FORWARDER_WORKERS".to_string(), n));
+        }
+    }
     let lab = if s.forwarder_dpdk {
-        Lab::up_dpdk(topo, &opts, &[])?
+        Lab::up_dpdk(topo, &opts, &env)?
     } else {
-        Lab::up(topo, &opts)?
+        Lab::up_with_env(topo, &opts, &env)?
     };
     let work = lab.dir().join("bench");
     std::fs::create_dir_all(&work)
@@ -309,6 +321,12 @@ pub fn run(s: &Settings, progress: &Progress) -> Result<Report, BenchError> {
             );
         } else {
             r.detail = s.mesh_build.clone();
+            if s.forwarder_lanes > 1 {
+                r.notes.push(format!(
+                    "forwarders with {} lanes per connection (nsm-forwarder --lanes)",
+                    s.forwarder_lanes
+                ));
+            }
             if s.forwarder_dpdk {
                 r.notes.push(
                     "forwarders on a DPDK underlay: net_af_packet on each node's eth0 (nsm-forwarder --dpdk-eal)".into(),
@@ -402,6 +420,7 @@ pub fn run(s: &Settings, progress: &Progress) -> Result<Report, BenchError> {
     settings.insert("pings_per_sample".into(), s.pings.to_string());
     settings.insert("mesh_build".into(), s.mesh_build.clone());
     settings.insert("forwarder_dpdk".into(), s.forwarder_dpdk.to_string());
+    settings.insert("forwarder_lanes".into(), s.forwarder_lanes.to_string());
     settings.insert(
         "topology".into(),
         "2 nodes (198.51.100.0/24 underlay), client pod web on node-1, endpoint pod echo on node-2; traffic web -> echo".into(),

@@ -236,6 +236,39 @@ pub struct XconnSnapshot {
     pub drops: DropSnapshot,
 }
 
+/// Sums counters field by field: the counters of one connection that is
+/// carried in several lanes (one `XconnCounters` per lane) add up to the
+/// connection's.
+impl core::ops::Add for XconnSnapshot {
+    type Output = Self;
+
+    fn add(self, o: Self) -> Self {
+        let side = |x: SideSnapshot, y: SideSnapshot| SideSnapshot {
+            rx_packets: x.rx_packets + y.rx_packets,
+            rx_bytes: x.rx_bytes + y.rx_bytes,
+            tx_packets: x.tx_packets + y.tx_packets,
+            tx_bytes: x.tx_bytes + y.tx_bytes,
+        };
+        let (w, v) = (self.wg, o.wg);
+        let mut drops = self.drops;
+        for (d, n) in drops.0.iter_mut().zip(o.drops.0) {
+            *d += n;
+        }
+        XconnSnapshot {
+            a: side(self.a, o.a),
+            b: side(self.b, o.b),
+            wg: WgSnapshot {
+                handshake_initiations_tx: w.handshake_initiations_tx + v.handshake_initiations_tx,
+                handshake_responses_tx: w.handshake_responses_tx + v.handshake_responses_tx,
+                cookie_replies_tx: w.cookie_replies_tx + v.cookie_replies_tx,
+                keepalives_tx: w.keepalives_tx + v.keepalives_tx,
+                packets_queued: w.packets_queued + v.packets_queued,
+            },
+            drops,
+        }
+    }
+}
+
 /// Drops that match no cross-connect (unknown port, unattached port, WireGuard
 /// messages for no session, ...). Cheap to clone; readable from any thread.
 #[derive(Clone, Debug, Default)]
@@ -283,6 +316,25 @@ mod tests {
             nz,
             vec![(DropReason::PacketTooBig, 2), (DropReason::WgReplay, 1)]
         );
+    }
+
+    #[test]
+    fn snapshots_of_two_lanes_add_up() {
+        let (x, y) = (XconnCounters::new(), XconnCounters::new());
+        x.side(Side::A).rx(100);
+        y.side(Side::A).rx(40);
+        y.side(Side::B).tx(60);
+        x.wg().handshake_initiations_tx.inc();
+        y.wg().handshake_initiations_tx.inc();
+        x.drop(DropReason::WgReplay);
+        y.drop(DropReason::WgReplay);
+        y.drop(DropReason::PacketTooBig);
+        let s = x.snapshot() + y.snapshot();
+        assert_eq!((s.a.rx_packets, s.a.rx_bytes), (2, 140));
+        assert_eq!((s.b.tx_packets, s.b.tx_bytes), (1, 60));
+        assert_eq!(s.wg.handshake_initiations_tx, 2);
+        assert_eq!(s.drops.get(DropReason::WgReplay), 2);
+        assert_eq!(s.drops.total(), 3);
     }
 
     #[test]

@@ -53,6 +53,21 @@ pub struct Config {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: Option<u16>,
 
+    /// Lanes per cross-node connection (1-64, at most the packet threads).
+    /// With more than one, a connection's pod interface gets that many
+    /// queues (a multi-queue TUN or TAP), each served by its own packet
+    /// thread with its own WireGuard session to the peer forwarder's lane
+    /// of the same index, so that one connection's flows spread over
+    /// cores: the kernel hashes each flow to one queue, and keeps a flow's
+    /// replies on the queue it came in by, so no flow is reordered. A
+    /// connection uses the lanes both forwarders offer (the smaller count;
+    /// an NSM forwarder that knows nothing of lanes means one), and one
+    /// lane when it has a chain (a chain's state is per connection). Costs
+    /// a handshake per lane and a thread's worth of wake-ups per lane.
+    #[arg(long, env = "NSM_FORWARDER_LANES", value_name = "COUNT", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub lanes: u16,
+
     /// MTU of the underlay, in bytes. Default: the MTU of the interface
     /// holding --underlay-ip. Pod MTUs default to it minus 60 (IPv4
     /// underlay) or 80 (IPv6 underlay).

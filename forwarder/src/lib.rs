@@ -74,6 +74,16 @@ pub enum RunError {
         /// Packet threads asked for.
         workers: usize,
     },
+    /// --lanes is more than the packet threads.
+    #[error(
+        "--lanes {lanes} needs as many packet threads, but there are {workers} (raise --workers or lower --lanes)"
+    )]
+    Lanes {
+        /// Lanes asked for.
+        lanes: usize,
+        /// Packet threads.
+        workers: usize,
+    },
     /// --dpdk-eal was given, but this build has no DPDK.
     #[error("--dpdk-eal: this nsm-forwarder was built without the cargo feature `dpdk`")]
     NoDpdk,
@@ -331,6 +341,10 @@ pub async fn run(
     } else {
         config.worker_count()
     };
+    let lanes = usize::from(config.lanes);
+    if lanes > workers {
+        return Err(RunError::Lanes { lanes, workers });
+    }
     let mut dpdk = dpdk;
     let max_udp_payload = usize::try_from(underlay_mtu)
         .unwrap_or(1500)
@@ -363,6 +377,7 @@ pub async fn run(
         underlay_ip: config.underlay_ip,
         wireguard_port: config.wireguard_port,
         underlay_mtu,
+        lanes,
     };
     let svc = service::ForwarderService::new(identity, handles.clone());
     svc.spawn_state_monitor(std::time::Duration::from_secs(1));
@@ -391,6 +406,7 @@ pub async fn run(
         listen = %config.listen.display(),
         wireguard = %addr,
         workers,
+        lanes,
         underlay_mtu,
         "forwarder ready"
     );

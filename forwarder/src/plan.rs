@@ -119,7 +119,14 @@ pub struct WgPlan {
     pub peer_public: Option<PublicKey>,
     /// Keepalive interval, seconds.
     pub keepalive: Option<u16>,
+    /// The ports of the peer's lanes, lane 0 (the `peer` port) first;
+    /// empty when the peer named none (one lane).
+    pub lane_ports: Vec<u16>,
 }
+
+/// Lane ports a request may name at most (a forwarder runs at most 64
+/// packet threads).
+pub const MAX_LANES: usize = 64;
 
 /// One validated side.
 #[derive(Debug, Clone, PartialEq)]
@@ -634,10 +641,36 @@ fn parse_wg(w: &pb::WireguardTunnel, what: &str) -> Result<WgPlan, Refusal> {
             ))
         })?),
     };
+    if w.peer_lane_ports.len() > MAX_LANES {
+        return Err(Refusal::invalid(format!(
+            "{what}.wireguard.peer_lane_ports has {} ports; at most {MAX_LANES}",
+            w.peer_lane_ports.len()
+        )));
+    }
+    let lane_ports = w
+        .peer_lane_ports
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| {
+                Refusal::invalid(format!(
+                    "{what}.wireguard.peer_lane_ports[{i}] {p} is not a port"
+                ))
+            })
+        })
+        .collect::<Result<Vec<u16>, Refusal>>()?;
+    if let Some(&first) = lane_ports.first()
+        && first != port
+    {
+        return Err(Refusal::invalid(format!(
+            "{what}.wireguard.peer_lane_ports[0] {first} is not peer_port {port}"
+        )));
+    }
     Ok(WgPlan {
         peer: ip.map(|ip| SocketAddr::new(ip, port)),
         peer_public,
         keepalive,
+        lane_ports,
     })
 }
 
@@ -993,5 +1026,45 @@ mod tests {
         });
         let e = parse(&req).map(|_| ()).unwrap_err();
         assert!(e.message.contains("peer_ip"), "{}", e.message);
+    }
+
+    #[test]
+    fn peer_lane_ports_are_ports_and_start_with_the_peer_port() {
+        let mut req = pb::CrossConnect {
+            id: "x".into(),
+            source: Some(kernel("nsm-1")),
+            destination: None,
+            chain: None,
+        };
+        let wg = |ports: Vec<u32>| {
+            Some(pb::Side {
+                kind: Some(pb::side::Kind::Wireguard(pb::WireguardTunnel {
+                    peer_ip: "192.0.2.7".into(),
+                    peer_port: 51830,
+                    peer_lane_ports: ports,
+                    ..Default::default()
+                })),
+            })
+        };
+        req.destination = wg(vec![51830, 51831]);
+        let p = parse(&req).expect("two lanes");
+        let SidePlan::Wireguard(w) = p.destination else {
+            panic!("not wireguard")
+        };
+        assert_eq!(w.lane_ports, [51830, 51831]);
+        for (ports, says) in [
+            (vec![51830, 0], "peer_lane_ports[1] 0"),
+            (vec![51830, 70000], "peer_lane_ports[1] 70000"),
+            (
+                vec![51831, 51830],
+                "peer_lane_ports[0] 51831 is not peer_port 51830",
+            ),
+            (vec![51830; 65], "at most 64"),
+        ] {
+            req.destination = wg(ports);
+            let e = parse(&req).map(|_| ()).unwrap_err();
+            assert_eq!(e.code, tonic::Code::InvalidArgument);
+            assert!(e.message.contains(says), "{}", e.message);
+        }
     }
 }

@@ -44,17 +44,21 @@ pub const ALIAS_PREFIX: &str = "nsm-rs:";
 /// A created, configured pod interface. Dropping the fd deletes it.
 #[derive(Debug)]
 pub struct Created {
-    /// The device's fd (non-blocking, close-on-exec).
+    /// The device's fd (non-blocking, close-on-exec): its first queue.
     pub fd: OwnedFd,
+    /// The fds of its other queues, when it was made with several (one
+    /// per lane of the cross-connect).
+    pub extra_queues: Vec<OwnedFd>,
     /// Its ifindex inside the pod's namespace.
     pub ifindex: u32,
     /// Opened with `IFF_VNET_HDR` and TSO/checksum offloads (TUNs only).
     pub offload: bool,
 }
 
-/// Creates and configures the interface `plan` describes, with MTU `mtu`,
-/// labelled as belonging to cross-connect `id`. Runs on its own thread;
-/// the returned future only waits for it.
+/// Creates and configures the interface `plan` describes, with MTU `mtu`
+/// and `queues` queues (at least one), labelled as belonging to
+/// cross-connect `id`. Runs on its own thread; the returned future only
+/// waits for it.
 ///
 /// On any failure nothing is left behind: the fd is dropped, which deletes
 /// the device with its addresses and routes.
@@ -63,14 +67,19 @@ pub struct Created {
 /// A [`Refusal`]: `AlreadyExists` when the name is taken in that namespace,
 /// `FailedPrecondition` when the namespace cannot be entered or the kernel
 /// refuses the configuration (the message says which step).
-pub async fn create(plan: &KernelPlan, mtu: u32, id: &str) -> Result<Created, Refusal> {
+pub async fn create(
+    plan: &KernelPlan,
+    mtu: u32,
+    id: &str,
+    queues: usize,
+) -> Result<Created, Refusal> {
     let plan = plan.clone();
     let alias = format!("{ALIAS_PREFIX}{id}");
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("nsm-netns".into())
         .spawn(move || {
-            let _ = tx.send(create_in_netns(&plan, mtu, &alias));
+            let _ = tx.send(create_in_netns(&plan, mtu, &alias, queues));
         })
         .map_err(|e| Refusal::new(tonic::Code::Internal, format!("spawning netns thread: {e}")))?;
     rx.await
@@ -78,7 +87,12 @@ pub async fn create(plan: &KernelPlan, mtu: u32, id: &str) -> Result<Created, Re
 }
 
 /// Runs on a throw-away thread: it is left in the pod's namespace.
-fn create_in_netns(plan: &KernelPlan, mtu: u32, alias: &str) -> Result<Created, Refusal> {
+fn create_in_netns(
+    plan: &KernelPlan,
+    mtu: u32,
+    alias: &str,
+    queues: usize,
+) -> Result<Created, Refusal> {
     let where_ = || format!("interface {} in {}", plan.name, plan.netns.path.display());
     let ns = File::open(&plan.netns.path).map_err(|e| {
         Refusal::new(
@@ -95,7 +109,7 @@ fn create_in_netns(plan: &KernelPlan, mtu: u32, alias: &str) -> Result<Created, 
     // Offloads for TUNs: TAP frames would need the same work behind an
     // Ethernet header, which is not done yet.
     let offload = !plan.tap;
-    let fd = sys::open_tun(&plan.name, plan.tap, offload).map_err(|e| {
+    let mut fds = sys::open_tun(&plan.name, plan.tap, offload, queues).map_err(|e| {
         let code = match e.raw_os_error() {
             Some(libc::EBUSY) | Some(libc::EEXIST) => tonic::Code::AlreadyExists,
             _ => tonic::Code::FailedPrecondition,
@@ -107,11 +121,15 @@ fn create_in_netns(plan: &KernelPlan, mtu: u32, alias: &str) -> Result<Created, 
         };
         Refusal::new(code, format!("{}: {what}", where_()))
     })?;
+    if fds.is_empty() {
+        return Err(Refusal::new(tonic::Code::Internal, "no queue opened"));
+    }
+    let fd = fds.remove(0);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .map_err(|e| Refusal::new(tonic::Code::Internal, format!("netlink runtime: {e}")))?;
-    // If configuration fails, `fd` is dropped on return: the device and
+    // If configuration fails, the fds are dropped on return: the device and
     // whatever was already set on it are deleted by the kernel.
     let ifindex = rt.block_on(configure(plan, mtu, alias)).map_err(|e| {
         Refusal::new(
@@ -121,6 +139,7 @@ fn create_in_netns(plan: &KernelPlan, mtu: u32, alias: &str) -> Result<Created, 
     })?;
     Ok(Created {
         fd,
+        extra_queues: fds,
         ifindex,
         offload,
     })

@@ -86,6 +86,9 @@ pub struct Identity {
     pub wireguard_port: u16,
     /// Underlay MTU, bytes.
     pub underlay_mtu: u32,
+    /// Lanes offered to a cross-node connection without a chain
+    /// (`--lanes`, at most the packet threads).
+    pub lanes: usize,
 }
 
 impl Identity {
@@ -108,6 +111,20 @@ struct PodState {
     port: PortId,
 }
 
+/// Lane k >= 1 of a cross-node connection (lane 0 is the entry's own
+/// `worker` and pod port): a queue of the pod interface, served by
+/// `worker`, whose data plane holds the lane's WireGuard session under the
+/// cross-connect's id (each packet thread has its own data plane, so one id
+/// names one lane on each). Lane k is on worker (lane 0's + k) mod workers.
+#[derive(Debug, Clone)]
+struct Lane {
+    worker: usize,
+    /// The pod interface's queue for this lane.
+    port: PortId,
+    /// Set while the lane is programmed in `worker`'s data plane.
+    counters: Option<XconnCounters>,
+}
+
 #[derive(Debug)]
 struct Entry {
     /// The last request accepted, to answer a repeat without work.
@@ -127,8 +144,10 @@ struct Entry {
     /// there); its mirror drains run as long as it is kept.
     chain: Option<chain::Installed>,
     /// The packet thread that owns this cross-connect (index into
-    /// `Shared::workers`).
+    /// `Shared::workers`): lane 0's.
     worker: usize,
+    /// Lanes 1 and up, for a cross-node connection with several.
+    lanes: Vec<Lane>,
 }
 
 /// A pod interface by (namespace `(st_dev, st_ino)`, name).
@@ -337,11 +356,60 @@ impl ForwarderService {
     fn least_loaded(&self, reg: &Registry) -> usize {
         let mut load = vec![0usize; self.shared.workers.len()];
         for e in reg.entries.values() {
-            if let Some(n) = load.get_mut(e.worker) {
-                *n += 1;
+            for w in std::iter::once(e.worker).chain(e.lanes.iter().map(|l| l.worker)) {
+                if let Some(n) = load.get_mut(w) {
+                    *n += 1;
+                }
             }
         }
         (0..load.len()).min_by_key(|&i| (load[i], i)).unwrap_or(0)
+    }
+
+    /// The lanes a cross-connect of `plan` may have (see
+    /// `CrossConnectStatus.lanes`): our `--lanes` for a kernel side facing
+    /// a WireGuard side without a chain, cut to the peer's count once the
+    /// peer is known (a peer that names no lane ports has one).
+    fn lane_offer(&self, plan: &Plan) -> usize {
+        let wg = plan.sides().into_iter().find_map(|s| match s {
+            SidePlan::Wireguard(w) => Some(w),
+            SidePlan::Kernel(_) => None,
+        });
+        let Some(wg) = wg else { return 1 };
+        if !plan.chain.spec.functions.is_empty() {
+            return 1;
+        }
+        let ours = self
+            .shared
+            .identity
+            .lanes
+            .clamp(1, self.shared.workers.len());
+        if wg.peer_public.is_some() {
+            ours.min(wg.lane_ports.len().max(1))
+        } else {
+            ours
+        }
+    }
+
+    /// Takes lanes `lanes` of cross-connect `id` out of their packet
+    /// threads and returns their queues' fds, for the caller to close.
+    async fn detach_lanes(&self, reg: &mut Registry, id: &str, lanes: &[Lane]) -> Vec<OwnedFd> {
+        let mut fds = Vec::new();
+        for lane in lanes {
+            let (id_owned, port) = (id.to_string(), lane.port);
+            let r = self
+                .worker(lane.worker)
+                .call(move |core| {
+                    let _ = core.dp.remove_xconnect(&id_owned);
+                    core.remove_port(port)
+                })
+                .await;
+            reg.free_port(lane.port);
+            match r {
+                Ok(fd) => fds.extend(fd),
+                Err(_) => tracing::error!(xconn = id, "packet thread gone while removing a lane"),
+            }
+        }
+        fds
     }
 
     /// Removes every cross-connect (used on shutdown).
@@ -420,13 +488,15 @@ impl ForwarderService {
         for p in ports {
             reg.free_port(p);
         }
-        match r {
+        let mut fds = match r {
             Ok((_chain, _delays, fds)) => fds,
             Err(_) => {
                 tracing::error!(xconn = id, "packet thread gone while removing");
                 Vec::new()
             }
-        }
+        };
+        fds.extend(self.detach_lanes(reg, id, &entry.lanes).await);
+        fds
     }
 
     async fn program_inner(
@@ -475,8 +545,12 @@ impl ForwarderService {
             }
         }
 
+        // A connection with several lanes takes a chain the long way
+        // below, which drops it to one lane (a chain's state is per
+        // connection).
         if let Some(old) = reg.entries.get(&id)
             && old.counters.is_some()
+            && old.lanes.is_empty()
             && old.plan.source == plan.source
             && old.plan.destination == plan.destination
         {
@@ -484,6 +558,7 @@ impl ForwarderService {
         }
 
         let mtu = plan.effective_mtu(self.shared.identity.derived_mtu());
+        let lanes_wanted = self.lane_offer(&plan);
         // A new cross-connect's devices are made with the registry let go
         // (a couple of milliseconds each, most of a Program's time), their
         // names reserved meanwhile; an update makes them below, in order.
@@ -494,7 +569,7 @@ impl ForwarderService {
             reg.creating.push((id.clone(), names));
             drop(reg);
             wait_all(closes).await;
-            let made = self.create_devices(&plan, mtu, &id).await;
+            let made = self.create_devices(&plan, mtu, &id, lanes_wanted).await;
             reg = self.shared.registry.lock().await;
             reg.creating.retain(|(i, _)| *i != id);
             made_early = match made {
@@ -527,6 +602,7 @@ impl ForwarderService {
         // peer's key arrives) keeps the devices and the session state.
         let mut key = None;
         let mut reused: [Option<PodState>; 2] = [None, None];
+        let mut lanes: Vec<Lane> = Vec::new();
         let mut prev_counters = None;
         // An update takes the old entry out of the registry: if the rest
         // fails, the cross-connect is gone and watchers must hear so.
@@ -549,6 +625,16 @@ impl ForwarderService {
             if same_pods {
                 reused = old.pods;
                 prev_counters = old.counters.clone();
+                // Lanes never grow (the device keeps its queues); they
+                // shrink to what the peer or a chain now allows.
+                let keep = old.lanes.len().min(lanes_wanted.saturating_sub(1));
+                let gone = old.lanes.split_off(keep);
+                if !gone.is_empty() {
+                    let fds = self.detach_lanes(&mut reg, &id, &gone).await;
+                    close_devices(fds).await;
+                    tracing::info!(xconn = %id, lanes = keep + 1, "cross-connect has fewer lanes");
+                }
+                lanes = std::mem::take(&mut old.lanes);
             } else {
                 let fds = self.detach(&mut reg, &id, &old).await;
                 close_devices(fds).await;
@@ -580,7 +666,7 @@ impl ForwarderService {
                 Some(c) => c,
                 None => {
                     reg.wait_closed(|c| c.ifaces.contains(&iface_key(k))).await;
-                    match pod::create(k, mtu, &id).await {
+                    match pod::create(k, mtu, &id, lanes_wanted).await {
                         Ok(c) => c,
                         Err(e) => {
                             self.undo_ports(&mut reg, w, &made).await;
@@ -594,6 +680,7 @@ impl ForwarderService {
             let port = reg.alloc_port();
             let kind = port_kind(k, port);
             let (fd, offload) = (created.fd, created.offload);
+            let mut queues = created.extra_queues.into_iter();
             let added = worker
                 .call(move |core| core.add_port(port, kind, fd, offload))
                 .await
@@ -602,7 +689,9 @@ impl ForwarderService {
             if let Err(e) = added {
                 reg.free_port(port);
                 self.undo_ports(&mut reg, w, &made).await;
-                close_devices(made_early.into_iter().flatten().map(|c| c.fd).collect()).await;
+                let mut fds: Vec<OwnedFd> = queues.collect();
+                fds.extend(made_early.into_iter().flatten().map(|c| c.fd));
+                close_devices(fds).await;
                 let e = Refusal::new(
                     tonic::Code::Internal,
                     format!("registering interface {}: {e}", k.name),
@@ -611,16 +700,60 @@ impl ForwarderService {
             }
             made.push(port);
             pods[i] = Some(PodState { port });
+            // The device's other queues, one lane each, on the next
+            // threads (the kind is lane 0's: a TAP answers with one MAC).
+            let workers = self.shared.workers.len();
+            while let Some(fd) = queues.next() {
+                let lane_worker = (w + lanes.len() + 1) % workers;
+                let lane_port = reg.alloc_port();
+                let added = self
+                    .worker(lane_worker)
+                    .call(move |core| core.add_port(lane_port, kind, fd, offload))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                if let Err(e) = added {
+                    reg.free_port(lane_port);
+                    let mut fds = self.detach_lanes(&mut reg, &id, &lanes).await;
+                    fds.extend(queues);
+                    close_devices(fds).await;
+                    self.undo_ports(&mut reg, w, &made).await;
+                    close_devices(made_early.into_iter().flatten().map(|c| c.fd).collect()).await;
+                    let e = Refusal::new(
+                        tonic::Code::Internal,
+                        format!("registering lane {} of {}: {e}", lanes.len() + 1, k.name),
+                    );
+                    return Err(self.failed_update(existed, &id, e).await);
+                }
+                lanes.push(Lane {
+                    worker: lane_worker,
+                    port: lane_port,
+                    counters: None,
+                });
+            }
         }
 
         // Program the data plane once every side is known.
         // From here on a failure must also undo reused devices: the old
         // entry is already out of the registry.
         let all_ports: Vec<PortId> = pods.iter().flatten().map(|p| p.port).collect();
-        let spec = match build_spec(&plan, &pods, key.as_ref(), mtu, a_is_source) {
+        let specs = build_spec(&plan, &pods, key.as_ref(), mtu, a_is_source).and_then(|spec| {
+            let lane_specs = lanes
+                .iter()
+                .enumerate()
+                .map(|(k, lane)| match &spec {
+                    Some(spec) => lane_spec(spec, &plan, k + 1, lane.port).map(Some),
+                    None => Ok(None),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((spec, lane_specs))
+        });
+        let (spec, lane_specs) = match specs {
             Ok(s) => s,
             Err(e) => {
                 self.undo_ports(&mut reg, w, &all_ports).await;
+                let fds = self.detach_lanes(&mut reg, &id, &lanes).await;
+                close_devices(fds).await;
                 return Err(self.failed_update(existed, &id, e).await);
             }
         };
@@ -661,6 +794,39 @@ impl ForwarderService {
             .await
             .map_err(|e| Refusal::new(tonic::Code::Internal, e.to_string()))?;
         drop(old_installed);
+        // Then lanes 1 and up, each in its own packet thread, with the same
+        // id (there is one lane per thread) and an empty chain (a lane never
+        // has a chain).
+        let mut result = result.map_err(|e| e.to_string());
+        if result.is_ok() {
+            for (lane, spec) in lanes.iter_mut().zip(lane_specs) {
+                let id_c = id.clone();
+                let r = self
+                    .worker(lane.worker)
+                    .call(move |core| match spec {
+                        Some(spec) => {
+                            let r = core.dp.upsert_xconnect(&id_c, spec);
+                            if r.is_ok() {
+                                core.initiate_handshake(&id_c);
+                            }
+                            r.map(Some)
+                        }
+                        None => {
+                            let _ = core.dp.remove_xconnect(&id_c);
+                            Ok(None)
+                        }
+                    })
+                    .await;
+                match r {
+                    Ok(Ok(c)) => lane.counters = c.or(lane.counters.take()),
+                    Ok(Err(e)) => result = Err(e.to_string()),
+                    Err(e) => result = Err(e.to_string()),
+                }
+                if result.is_err() {
+                    break;
+                }
+            }
+        }
         let counters = match result {
             Ok(c) => c.or(prev_counters),
             Err(e) => {
@@ -669,7 +835,9 @@ impl ForwarderService {
                     .call(move |core| core.dp.remove_xconnect(&id_c).map(drop))
                     .await;
                 self.undo_ports(&mut reg, w, &all_ports).await;
-                let e = Refusal::new(tonic::Code::FailedPrecondition, e.to_string());
+                let fds = self.detach_lanes(&mut reg, &id, &lanes).await;
+                close_devices(fds).await;
+                let e = Refusal::new(tonic::Code::FailedPrecondition, e);
                 return Err(self.failed_update(existed, &id, e).await);
             }
         };
@@ -686,6 +854,7 @@ impl ForwarderService {
                 a_is_source,
                 chain: programmed.then_some(installed),
                 worker: w,
+                lanes,
             },
         );
         let st = self.statuses(&reg, std::slice::from_ref(&id)).await;
@@ -712,19 +881,14 @@ impl ForwarderService {
         plan: &Plan,
         mtu: u32,
         id: &str,
+        queues: usize,
     ) -> Result<[Option<pod::Created>; 2], Refusal> {
-        async fn make(
-            side: &SidePlan,
-            mtu: u32,
-            id: &str,
-        ) -> Result<Option<pod::Created>, Refusal> {
-            match side {
-                SidePlan::Kernel(k) => pod::create(k, mtu, id).await.map(Some),
-                SidePlan::Wireguard(_) => Ok(None),
-            }
-        }
+        let make = async |side: &SidePlan| match side {
+            SidePlan::Kernel(k) => pod::create(k, mtu, id, queues).await.map(Some),
+            SidePlan::Wireguard(_) => Ok(None),
+        };
         let [source, destination] = plan.sides();
-        match tokio::join!(make(source, mtu, id), make(destination, mtu, id)) {
+        match tokio::join!(make(source), make(destination)) {
             (Ok(a), Ok(b)) => Ok([a, b]),
             (a, b) => {
                 let (made, err): (Vec<_>, Vec<_>) = [a, b].into_iter().partition(Result::is_ok);
@@ -864,16 +1028,32 @@ impl ForwarderService {
         // state (kept on the packet thread, not readable from here) and
         // whether a device died under us.
         let now = Instant::now();
-        let mut live: Vec<(Option<XconnStatus>, bool)> = vec![(None, false); entries.len()];
+        // Per entry: each lane's data-plane status, and whether a device died.
+        let mut live: Vec<(Vec<Option<XconnStatus>>, bool)> = entries
+            .iter()
+            .map(|(_, e)| (vec![None; 1 + e.lanes.len()], false))
+            .collect();
         for (w, handle) in self.shared.workers.iter().enumerate() {
-            let query: Vec<(usize, String, bool, Vec<PortId>)> = entries
+            // (entry, lane, id, programmed with WireGuard, its ports)
+            let query: Vec<(usize, usize, String, bool, Vec<PortId>)> = entries
                 .iter()
                 .enumerate()
-                .filter(|(_, (_, e))| e.worker == w)
-                .map(|(i, (id, e))| {
-                    let wg = e.counters.is_some() && e.key.is_some();
-                    let ports = e.pods.iter().flatten().map(|p| p.port).collect();
-                    (i, (*id).clone(), wg, ports)
+                .flat_map(|(i, (id, e))| {
+                    let lane0 = (e.worker == w).then(|| {
+                        let wg = e.counters.is_some() && e.key.is_some();
+                        let ports = e.pods.iter().flatten().map(|p| p.port).collect();
+                        (i, 0, (*id).clone(), wg, ports)
+                    });
+                    let others = e
+                        .lanes
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| l.worker == w)
+                        .map(move |(k, l)| {
+                            let wg = l.counters.is_some() && e.key.is_some();
+                            (i, k + 1, (*id).clone(), wg, vec![l.port])
+                        });
+                    lane0.into_iter().chain(others)
                 })
                 .collect();
             if query.is_empty() {
@@ -883,17 +1063,20 @@ impl ForwarderService {
                 .call(move |core| {
                     query
                         .iter()
-                        .map(|(i, id, wg, ports)| {
+                        .map(|(i, lane, id, wg, ports)| {
                             let st = if *wg { core.dp.status(id, now) } else { None };
-                            (*i, st, ports.iter().any(|p| core.is_dead(*p)))
+                            (*i, *lane, st, ports.iter().any(|p| core.is_dead(*p)))
                         })
                         .collect::<Vec<_>>()
                 })
                 .await
                 .unwrap_or_default();
-            for (i, st, dead) in answers {
-                if let Some(slot) = live.get_mut(i) {
-                    *slot = (st, dead);
+            for (i, lane, st, dead) in answers {
+                if let Some((lanes, d)) = live.get_mut(i) {
+                    if let Some(slot) = lanes.get_mut(lane) {
+                        *slot = st;
+                    }
+                    *d |= dead;
                 }
             }
         }
@@ -903,9 +1086,9 @@ impl ForwarderService {
             .iter()
             .enumerate()
             .map(|(i, (id, e))| {
-                let (dps, dead) = live.get(i).cloned().unwrap_or((None, false));
+                let (dps, dead) = live.get(i).map_or((&[][..], false), |(l, d)| (&l[..], *d));
                 let dead = dead || kernel_sides(&e.plan).any(|k| !netns_alive(k));
-                status_of(id, e, dps.as_ref(), dead, ident, now, wall)
+                status_of(id, e, dps, dead, ident, now, wall)
             })
             .collect()
     }
@@ -1002,6 +1185,27 @@ fn pod_end(k: &KernelPlan, port: PortId, other: Option<&KernelPlan>) -> PodEnd {
     }
 }
 
+/// Lane `k`'s copy of lane 0's `spec`: its own queue `port`, and the
+/// peer's lane `k` as the WireGuard endpoint.
+fn lane_spec(spec: &XconnSpec, plan: &Plan, k: usize, port: PortId) -> Result<XconnSpec, Refusal> {
+    let mut spec = spec.clone();
+    spec.a.port = port;
+    if let FarEnd::Wireguard(peer) = &mut spec.b {
+        let lane_port = plan
+            .sides()
+            .into_iter()
+            .find_map(|s| match s {
+                SidePlan::Wireguard(w) => w.lane_ports.get(k).copied(),
+                SidePlan::Kernel(_) => None,
+            })
+            .ok_or_else(|| {
+                Refusal::new(tonic::Code::Internal, format!("lane {k} has no peer port"))
+            })?;
+        peer.endpoint.set_port(lane_port);
+    }
+    Ok(spec)
+}
+
 /// The data plane's view of `plan`, or `None` while a WireGuard side lacks
 /// the peer's key.
 fn build_spec(
@@ -1061,10 +1265,12 @@ fn build_spec(
     }))
 }
 
+/// The status of entry `e` from each lane's data-plane status `dps` (lane
+/// 0 first; a lane that is not programmed has `None`).
 fn status_of(
     id: &str,
     e: &Entry,
-    dps: Option<&XconnStatus>,
+    dps: &[Option<XconnStatus>],
     dead: bool,
     ident: &Identity,
     now: Instant,
@@ -1072,7 +1278,16 @@ fn status_of(
 ) -> pb::CrossConnectStatus {
     use pb::cross_connect_status::State;
     let wg = e.key.is_some();
-    let wg_status = dps.and_then(|s| s.wireguard.as_ref());
+    let lane_wg = |k: usize| {
+        dps.get(k)
+            .and_then(Option::as_ref)
+            .and_then(|s| s.wireguard.as_ref())
+    };
+    let lane_count = 1 + e.lanes.len();
+    // Up once every lane has a session (a lane without one black-holes
+    // the flows the kernel hashes to it); down when any lane expired.
+    let established = (0..lane_count).all(|k| lane_wg(k).is_some_and(|w| w.established));
+    let expired = (0..lane_count).any(|k| lane_wg(k).is_some_and(|w| w.expired));
     let (state, error) = if dead {
         (
             State::Down,
@@ -1082,24 +1297,36 @@ fn status_of(
         (State::Up, String::new())
     } else if e.counters.is_none() {
         (State::Pending, String::new())
+    } else if expired {
+        (
+            State::Down,
+            "WireGuard session expired without a new handshake".to_string(),
+        )
+    } else if established {
+        (State::Up, String::new())
     } else {
-        match wg_status {
-            Some(w) if w.established => (State::Up, String::new()),
-            Some(w) if w.expired => (
-                State::Down,
-                "WireGuard session expired without a new handshake".to_string(),
-            ),
-            _ => (State::Pending, String::new()),
-        }
+        (State::Pending, String::new())
     };
-    let last_handshake_unix_ms = wg_status
-        .and_then(|w| w.last_handshake)
+    let last_handshake_unix_ms = (0..lane_count)
+        .filter_map(|k| lane_wg(k).and_then(|w| w.last_handshake))
+        .max()
         .and_then(|t| wall.checked_sub(now.saturating_duration_since(t)))
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let counters = e.counters.as_ref().map(|c| {
+    // The proto counts at the source side.
+    let source_side = |c: &XconnCounters| {
         let snap = c.snapshot();
-        // The proto counts at the source side.
+        if e.a_is_source { snap.a } else { snap.b }
+    };
+    let lane_counters: Vec<Option<XconnCounters>> = std::iter::once(e.counters.clone())
+        .chain(e.lanes.iter().map(|l| l.counters.clone()))
+        .collect();
+    let total = lane_counters
+        .iter()
+        .flatten()
+        .map(|c| c.snapshot())
+        .reduce(|a, b| a + b);
+    let counters = total.map(|snap| {
         let side = if e.a_is_source { snap.a } else { snap.b };
         pb::Counters {
             rx_packets: side.rx_packets,
@@ -1114,6 +1341,28 @@ fn status_of(
             last_handshake_unix_ms,
         }
     });
+    let port_of =
+        |worker: usize| u32::from(ident.wireguard_port) + u32::try_from(worker).unwrap_or(0);
+    let lanes = if wg {
+        std::iter::once(e.worker)
+            .chain(e.lanes.iter().map(|l| l.worker))
+            .zip(&lane_counters)
+            .enumerate()
+            .map(|(k, (worker, c))| {
+                let side = c.as_ref().map(source_side).unwrap_or_default();
+                pb::Lane {
+                    wireguard_port: port_of(worker),
+                    rx_packets: side.rx_packets,
+                    rx_bytes: side.rx_bytes,
+                    tx_packets: side.tx_packets,
+                    tx_bytes: side.tx_bytes,
+                    established: lane_wg(k).is_some_and(|w| w.established),
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     pb::CrossConnectStatus {
         id: id.to_string(),
         state: state as i32,
@@ -1122,11 +1371,7 @@ fn status_of(
             .as_ref()
             .map(|k| keys::format_public(&k.public()))
             .unwrap_or_default(),
-        wireguard_port: if wg {
-            u32::from(ident.wireguard_port) + u32::try_from(e.worker).unwrap_or(0)
-        } else {
-            0
-        },
+        wireguard_port: if wg { port_of(e.worker) } else { 0 },
         underlay_ip: if wg {
             ident.underlay_ip.to_string()
         } else {
@@ -1140,6 +1385,7 @@ fn status_of(
             .as_ref()
             .map(chain::Installed::counters)
             .unwrap_or_default(),
+        lanes,
     }
 }
 

@@ -33,22 +33,71 @@ struct IfReqFlags {
 
 /// Creates a TUN (`tap == false`, IP packets) or TAP (`tap == true`,
 /// Ethernet frames) device named `name` in the calling thread's network
-/// namespace, and returns its non-blocking, close-on-exec fd.
+/// namespace with `queues` queues (at least one), and returns one
+/// non-blocking, close-on-exec fd per queue.
 ///
 /// The device is not persistent: the kernel deletes it when the last fd
 /// to it is closed, which is how a dead forwarder's pod interfaces go away.
+/// With several queues (`IFF_MULTI_QUEUE`) the kernel hashes each flow of
+/// the pod's to one queue, and keeps a flow on the queue its packets were
+/// last written through; closing a queue's fd takes that queue away.
 ///
 /// With `offload`, the device is opened with `IFF_VNET_HDR` and TCP
 /// segmentation and checksum offloads are switched on (`TUNSETOFFLOAD`):
 /// every read and write then starts with a `virtio_net_hdr` (see
 /// `offload`).
-pub(crate) fn open_tun(name: &str, tap: bool, offload: bool) -> io::Result<OwnedFd> {
+pub(crate) fn open_tun(
+    name: &str,
+    tap: bool,
+    offload: bool,
+    queues: usize,
+) -> io::Result<Vec<OwnedFd>> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.bytes().any(|b| b == 0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "interface name must be 1-15 bytes without NUL",
         ));
     }
+    let kind = if tap { libc::IFF_TAP } else { libc::IFF_TUN };
+    // IFF_NO_PI: no 4-byte protocol header in front of each packet.
+    let mut flags = kind | libc::IFF_NO_PI;
+    if offload {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    if queues > 1 {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
+    // IFF_TUN_EXCL: the first open fails instead of attaching to an
+    // existing device of the same name (another cross-connect's, or a
+    // leftover); the other queues attach to the device it made.
+    let first = tun_queue(name, flags | libc::IFF_TUN_EXCL)?;
+    if offload {
+        let features: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned
+        // long of feature bits); `first` is the TUN fd configured above.
+        // The features belong to the device, so every queue has them.
+        let rc = unsafe {
+            libc::ioctl(
+                first.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(features),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let mut fds = Vec::with_capacity(queues.max(1));
+    fds.push(first);
+    for _ in 1..queues {
+        fds.push(tun_queue(name, flags)?);
+    }
+    Ok(fds)
+}
+
+/// Opens `/dev/net/tun` and binds it to device `name` with `flags`
+/// (`TUNSETIFF`: creates the device, or attaches a queue to it).
+fn tun_queue(name: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -61,14 +110,6 @@ pub(crate) fn open_tun(name: &str, tap: bool, offload: bool) -> io::Result<Owned
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
-    let kind = if tap { libc::IFF_TAP } else { libc::IFF_TUN };
-    // IFF_NO_PI: no 4-byte protocol header in front of each packet.
-    // IFF_TUN_EXCL: fail instead of attaching to an existing device of the
-    // same name (another cross-connect's, or a leftover).
-    let mut flags = kind | libc::IFF_NO_PI | libc::IFF_TUN_EXCL;
-    if offload {
-        flags |= libc::IFF_VNET_HDR;
-    }
     // ifr_flags is a C short holding a 16-bit mask: IFF_TUN_EXCL is its
     // sign bit, so reinterpret the bits rather than convert the value.
     let bits = u16::try_from(flags).map_err(|_| io::Error::other("flags overflow"))?;
@@ -79,21 +120,6 @@ pub(crate) fn open_tun(name: &str, tap: bool, offload: bool) -> io::Result<Owned
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReqFlags) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
-    }
-    if offload {
-        let features: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
-        // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned
-        // long of feature bits); `fd` is the TUN fd configured above.
-        let rc = unsafe {
-            libc::ioctl(
-                fd.as_raw_fd(),
-                libc::TUNSETOFFLOAD,
-                libc::c_ulong::from(features),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
     }
     Ok(fd)
 }

@@ -1144,6 +1144,220 @@ fn connections_spread_over_workers() {
     assert!(pa.ping(ip("203.0.113.10"), WAIT), "w0 unaffected");
 }
 
+/// TCP streams from pod A to pod B, each `len` bytes echoed back; true
+/// when every stream came back intact. Stream i goes to port `port + i`,
+/// so each is a flow of its own.
+fn echo_streams(pa: &Netns, pb: &Netns, dst: &str, port: u16, n: u16, len: usize) -> bool {
+    let data: Vec<u8> = (0..=255u8).cycle().take(len).collect();
+    let streams: Vec<_> = (0..n)
+        .map(|i| {
+            let at = sa(&format!("{dst}:{}", port + i));
+            let l = pb.tcp_listen(at);
+            let server = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().expect("accept");
+                let mut buf = vec![0; len];
+                s.read_exact(&mut buf).expect("server read");
+                s.write_all(&buf).expect("server write");
+            });
+            let c = pa.tcp_connect(at);
+            c.set_read_timeout(Some(WAIT)).expect("timeout");
+            (c, server)
+        })
+        .collect();
+    let clients: Vec<_> = streams
+        .into_iter()
+        .map(|(mut c, server)| {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                c.write_all(&data).expect("client write");
+                let mut back = vec![0; data.len()];
+                c.read_exact(&mut back).expect("client read");
+                server.join().expect("server");
+                back == data
+            })
+        })
+        .collect();
+    clients.into_iter().all(|c| c.join().expect("client"))
+}
+
+/// Segments the TCP stack of `pod` received out of order, so far.
+fn out_of_order(pod: &Netns) -> u64 {
+    let out = pod
+        .command("nstat")
+        .args(["-asz", "TcpExtTCPOFOQueue"])
+        .output()
+        .expect("nstat");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("TcpExtTCPOFOQueue"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("TcpExtTCPOFOQueue in nstat's output")
+}
+
+/// The tx queues of interface `dev` in `pod` (one per lane).
+fn queues(pod: &Netns, dev: &str) -> usize {
+    let out = pod
+        .command("ls")
+        .arg(format!("/sys/class/net/{dev}/queues"))
+        .output()
+        .expect("ls queues");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|q| q.starts_with("tx-"))
+        .count()
+}
+
+/// `--lanes 2` on both forwarders: one connection gets a two-queue pod
+/// interface and two WireGuard sessions, lane k on packet thread k and
+/// port 51820 + k on each node; many flows at once spread over both lanes
+/// in both directions and arrive intact. A chain then drops the connection
+/// to one lane (and one queue), and the peer follows once told.
+#[test]
+fn one_connection_spreads_its_flows_over_lanes() {
+    require_root();
+    let (na, nb) = two_nodes();
+    let (pa, pb_) = (Netns::new(), Netns::new());
+    let flags = ["--workers", "3", "--lanes", "2"];
+    let fa = Forwarder::start(&na, "node-a", "192.0.2.1", &flags);
+    let fb = Forwarder::start(&nb, "node-b", "192.0.2.2", &flags);
+    let rt = current_thread_rt();
+    let a_side = kernel(&pa, "nsm-1", &["198.51.100.1/32"], &["198.51.100.2/32"]);
+    let b_side = kernel(&pb_, "nsm-1", &["198.51.100.2/32"], &["198.51.100.1/32"]);
+    let (a, b) = rt.block_on(async {
+        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
+        connect_pair(&mut ca, &mut cb, "ln", a_side.clone(), b_side.clone()).await
+    });
+    assert_eq!(lane_ports(&a), [51820, 51821], "A's lanes");
+    assert_eq!(lane_ports(&b), [51820, 51821], "B's lanes");
+    assert_eq!((queues(&pa, "nsm-1"), queues(&pb_, "nsm-1")), (2, 2));
+    assert!(pa.ping(ip("198.51.100.2"), WAIT), "{}", fa.log_text());
+
+    // Sixteen flows: the kernel hashes them over both queues (all on one
+    // lane has odds of 2 in 65536).
+    assert!(
+        echo_streams(&pa, &pb_, "198.51.100.2", 7200, 16, 64 << 10),
+        "every stream came back intact\n{}\n{}",
+        fa.log_text(),
+        fb.log_text()
+    );
+    // Each flow kept to one lane both ways: nothing arrived out of order.
+    assert_eq!(
+        (out_of_order(&pa), out_of_order(&pb_)),
+        (0, 0),
+        "no flow reordered"
+    );
+    let status = |f: &Forwarder| {
+        rt.block_on(async {
+            let mut c = f.client().await;
+            let l = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+            l.cross_connects
+                .into_iter()
+                .next()
+                .expect("one cross-connect")
+        })
+    };
+    for (name, st) in [("A", status(&fa)), ("B", status(&fb))] {
+        assert_eq!(
+            st.state,
+            pb::cross_connect_status::State::Up as i32,
+            "{name}"
+        );
+        assert_eq!(st.lanes.len(), 2, "{name}");
+        for (k, lane) in st.lanes.iter().enumerate() {
+            assert!(lane.established, "{name} lane {k} has a session");
+            assert!(
+                lane.rx_packets > 0 && lane.tx_packets > 0,
+                "{name} lane {k} carried traffic both ways: {lane:?}"
+            );
+        }
+        let c = st.counters.expect("counters");
+        let sum = |f: fn(&pb::Lane) -> u64| st.lanes.iter().map(f).sum::<u64>();
+        assert_eq!(c.rx_packets, sum(|l| l.rx_packets), "{name}: lanes add up");
+        assert_eq!(c.tx_packets, sum(|l| l.tx_packets), "{name}: lanes add up");
+    }
+
+    // A chain keeps one lane: A drops lane 1 and its queue at once, B when
+    // the manager passes it A's one port.
+    let counter = pb::Chain {
+        functions: vec![pb::Function {
+            kind: Some(pb::function::Kind::Counter(pb::CounterFunction {})),
+            selector: None,
+        }],
+    };
+    let a1 = rt.block_on(async {
+        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
+        let a1 = ca
+            .program(pb::CrossConnect {
+                id: "ln".into(),
+                source: Some(a_side.clone()),
+                destination: Some(wireguard_lanes(
+                    "192.0.2.2",
+                    &lane_ports(&b),
+                    &b.wireguard_public_key,
+                )),
+                chain: Some(counter),
+            })
+            .await
+            .expect("chain on A")
+            .into_inner();
+        let b1 = cb
+            .program(pb::CrossConnect {
+                id: "ln".into(),
+                source: Some(wireguard_lanes(
+                    "192.0.2.1",
+                    &lane_ports(&a1),
+                    &a1.wireguard_public_key,
+                )),
+                destination: Some(b_side.clone()),
+                chain: None,
+            })
+            .await
+            .expect("B follows")
+            .into_inner();
+        assert_eq!(lane_ports(&b1), [51820], "B keeps one lane");
+        a1
+    });
+    assert_eq!(lane_ports(&a1), [51820], "A keeps one lane");
+    assert_eq!(a1.wireguard_public_key, a.wireguard_public_key, "same key");
+    assert_eq!((queues(&pa, "nsm-1"), queues(&pb_, "nsm-1")), (1, 1));
+    assert!(
+        echo_streams(&pa, &pb_, "198.51.100.2", 7300, 4, 16 << 10),
+        "streams cross on one lane"
+    );
+}
+
+/// A forwarder with two lanes and one with one: the connection uses one
+/// (the extra queue made before the peer was known goes away), and traffic
+/// crosses.
+#[test]
+fn lanes_are_the_fewer_both_forwarders_offer() {
+    require_root();
+    let (na, nb) = two_nodes();
+    let (pa, pb_) = (Netns::new(), Netns::new());
+    let fa = Forwarder::start(
+        &na,
+        "node-a",
+        "192.0.2.1",
+        &["--workers", "2", "--lanes", "2"],
+    );
+    let fb = Forwarder::start(&nb, "node-b", "192.0.2.2", &["--workers", "2"]);
+    let (a, b) = current_thread_rt().block_on(async {
+        let (mut ca, mut cb) = (fa.client().await, fb.client().await);
+        connect_pair(
+            &mut ca,
+            &mut cb,
+            "l1",
+            kernel(&pa, "nsm-1", &["198.51.100.1/32"], &["198.51.100.2/32"]),
+            kernel(&pb_, "nsm-1", &["198.51.100.2/32"], &["198.51.100.1/32"]),
+        )
+        .await
+    });
+    assert_eq!((lane_ports(&a), lane_ports(&b)), (vec![51820], vec![51820]));
+    assert_eq!(queues(&pa, "nsm-1"), 1, "A's second queue is gone");
+    assert!(pa.ping(ip("198.51.100.2"), WAIT), "{}", fa.log_text());
+    assert!(echo_streams(&pa, &pb_, "198.51.100.2", 7400, 4, 16 << 10));
+}
+
 /// A port range past 65535, a worker count of 0, and DPDK options in a
 /// build without DPDK are refused at start, with the reason and a non-zero
 /// exit.
@@ -1157,6 +1371,11 @@ fn bad_worker_settings_are_refused() {
         (
             vec!["--wireguard-port", "65535", "--workers", "2"],
             "do not fit below 65536",
+        ),
+        (vec!["--lanes", "0"], "--lanes"),
+        (
+            vec!["--workers", "2", "--lanes", "3"],
+            "--lanes 3 needs as many packet threads, but there are 2",
         ),
     ] {
         let err = refused(&node, "192.0.2.1", &args);

@@ -542,6 +542,14 @@ pub fn cross_connect_json(x: &fwd::CrossConnectStatus) -> Value {
             "name": f.name,
             "counters": f.counters.iter().collect::<BTreeMap<_, _>>(),
         })).collect::<Vec<_>>(),
+        "lanes": x.lanes.iter().map(|l| json!({
+            "wireguard_port": l.wireguard_port,
+            "established": l.established,
+            "rx_packets": l.rx_packets,
+            "rx_bytes": l.rx_bytes,
+            "tx_packets": l.tx_packets,
+            "tx_bytes": l.tx_bytes,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -833,6 +841,19 @@ pub fn describe(c: &Connection, views: &[ForwarderView], now: SystemTime) -> Str
                 "  wireguard:    {}:{} key {}",
                 x.underlay_ip, x.wireguard_port, x.wireguard_public_key
             );
+        }
+        if x.lanes.len() > 1 {
+            let _ = writeln!(o, "  lanes:");
+            for (k, l) in x.lanes.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "    {k}. port {:<5} {} rx {} tx {} packets",
+                    l.wireguard_port,
+                    if l.established { "up     " } else { "pending" },
+                    l.rx_packets,
+                    l.tx_packets
+                );
+            }
         }
         if x.mtu > 0 {
             let _ = writeln!(o, "  mtu:          {}", x.mtu);
@@ -1603,6 +1624,32 @@ mod tests {
         let d = describe(&conn("other", None), &[forwarder()], now());
         assert!(d.contains("Cross-connect: none on forwarder node-1"), "{d}");
         assert!(d.contains("destination") || d.contains("none"));
+    }
+
+    #[test]
+    fn describe_lists_the_lanes_of_a_spread_connection() {
+        let mut f = forwarder();
+        let lane = |port: u32, rx: u64, established: bool| fwd::Lane {
+            wireguard_port: port,
+            rx_packets: rx,
+            tx_packets: rx + 1,
+            established,
+            ..Default::default()
+        };
+        f.cross_connects[0].lanes = vec![lane(51820, 6, true), lane(51821, 4, false)];
+        let d = describe(&conn("web-1", None), std::slice::from_ref(&f), now());
+        for s in [
+            "lanes:",
+            "0. port 51820 up      rx 6 tx 7 packets",
+            "1. port 51821 pending rx 4 tx 5 packets",
+        ] {
+            assert!(d.contains(s), "{s:?} in\n{d}");
+        }
+        let j = describe_json(&conn("web-1", None), &[f]);
+        assert_eq!(j["cross_connects"][0]["lanes"][1]["wireguard_port"], 51821);
+        assert_eq!(j["cross_connects"][0]["lanes"][1]["established"], false);
+        // One lane is not worth a list.
+        assert!(!describe(&conn("web-1", None), &[forwarder()], now()).contains("lanes:"));
     }
 
     #[test]

@@ -417,14 +417,44 @@ fn kernel_side(
     }
 }
 
-fn wg_side(ip: &str, port: u32, key: &str) -> Side {
+fn wg_side(ip: &str, port: u32, key: &str, lane_ports: &[u32]) -> Side {
     Side {
         kind: Some(Kind::Wireguard(WireguardTunnel {
             peer_ip: ip.to_string(),
             peer_port: port,
             peer_public_key: key.to_string(),
             persistent_keepalive_secs: 0,
+            peer_lane_ports: lane_ports.to_vec(),
         })),
+    }
+}
+
+/// Sets (or, for one lane, removes) the lane-ports parameter `key` from a
+/// forwarder status: absent means one lane, so a single-lane connection
+/// looks to NSM peers exactly as before lanes existed.
+fn set_lane_param(params: &mut HashMap<String, String>, key: &str, st: &CrossConnectStatus) {
+    if st.lanes.len() > 1 {
+        let ports: Vec<u32> = st.lanes.iter().map(|l| l.wireguard_port).collect();
+        params.insert(key.into(), wireguard::format_lane_ports(&ports));
+    } else {
+        params.remove(key);
+    }
+}
+
+/// The peer's lane ports a mechanism's parameters name under `key`
+/// (empty: one lane).
+fn lane_param(params: &HashMap<String, String>, key: &str) -> Vec<u32> {
+    params
+        .get(key)
+        .map(|v| wireguard::parse_lane_ports(v))
+        .unwrap_or_default()
+}
+
+/// The lanes of a WireGuard side's peer (at least one).
+fn peer_lanes(side: Option<&Side>) -> usize {
+    match side.and_then(|s| s.kind.as_ref()) {
+        Some(Kind::Wireguard(w)) => w.peer_lane_ports.len().max(1),
+        _ => 1,
     }
 }
 
@@ -633,10 +663,18 @@ impl Manager {
         }
         let mut xc = rec.xconnect.0.clone();
         xc.chain = chain;
-        self.forwarder.program(xc.clone()).await?;
+        let st = self.forwarder.program(xc.clone()).await?;
         tracing::info!(id = %id, functions = xc.chain.as_ref().map_or(0, |c| c.functions.len()), "chain updated");
+        let peer = peer_lanes(xc.destination.as_ref());
         rec.xconnect = Pb(xc);
-        self.conns.put(id, rec)?;
+        self.conns.put(id, rec.clone())?;
+        if st.lanes.len().max(1) < peer {
+            // A chain keeps one lane: the peer must stop using the others,
+            // which only a new request through it tells it.
+            tracing::info!(id = %id, lanes = st.lanes.len(), "fewer lanes with a chain; re-requesting");
+            drop(_g);
+            self.refresh(&rec).await?;
+        }
         Ok(())
     }
 
@@ -1406,7 +1444,7 @@ impl Manager {
 
         // Another node: our tunnel end first (the forwarder makes our key), then the peer.
         let peer_url = nse.url.clone();
-        let (pip, pport, pkey) = existing
+        let (pip, pport, pkey, planes) = existing
             .filter(|r| r.endpoint_name == nse.name)
             .and_then(|r| {
                 match r
@@ -1416,7 +1454,9 @@ impl Manager {
                     .as_ref()
                     .and_then(|s| s.kind.clone())
                 {
-                    Some(Kind::Wireguard(w)) => Some((w.peer_ip, w.peer_port, w.peer_public_key)),
+                    Some(Kind::Wireguard(w)) => {
+                        Some((w.peer_ip, w.peer_port, w.peer_public_key, w.peer_lane_ports))
+                    }
                     _ => None,
                 }
             })
@@ -1424,7 +1464,7 @@ impl Manager {
         let mut xc = CrossConnect {
             id: conn.id.clone(),
             source: Some(client_side),
-            destination: Some(wg_side(&pip, pport, &pkey)),
+            destination: Some(wg_side(&pip, pport, &pkey, &planes)),
             chain,
         };
         let st: CrossConnectStatus = match self.forwarder.program(xc.clone()).await {
@@ -1446,6 +1486,7 @@ impl Manager {
             wireguard::SRC_PUBLIC_KEY.into(),
             st.wireguard_public_key.clone(),
         );
+        set_lane_param(&mut params, wireguard::SRC_LANE_PORTS, &st);
         if st.mtu != 0 {
             params.insert(wireguard::MTU.into(), st.mtu.to_string());
         }
@@ -1515,6 +1556,7 @@ impl Manager {
             .get(wireguard::DST_PUBLIC_KEY)
             .cloned()
             .unwrap_or_default();
+        let dst_lanes = lane_param(&rp, wireguard::DST_LANE_PORTS);
         if dst_ip.is_empty() || dst_key.is_empty() {
             if new {
                 self.close_endpoint(&peer_url, &reply).await;
@@ -1525,8 +1567,10 @@ impl Manager {
                 "reply lacks dst_ip/dst_public_key",
             )));
         }
-        if (dst_ip.as_str(), dst_port, dst_key.as_str()) != (pip.as_str(), pport, pkey.as_str()) {
-            xc.destination = Some(wg_side(&dst_ip, dst_port, &dst_key));
+        if (dst_ip.as_str(), dst_port, dst_key.as_str(), &dst_lanes)
+            != (pip.as_str(), pport, pkey.as_str(), &planes)
+        {
+            xc.destination = Some(wg_side(&dst_ip, dst_port, &dst_key, &dst_lanes));
             if let Err(e) = self.forwarder.program(xc.clone()).await {
                 if new {
                     self.close_endpoint(&peer_url, &reply).await;
@@ -1625,7 +1669,12 @@ impl Manager {
         };
         let xc = CrossConnect {
             id: conn.id.clone(),
-            source: Some(wg_side(&src_ip, src_port, &src_key)),
+            source: Some(wg_side(
+                &src_ip,
+                src_port,
+                &src_key,
+                &lane_param(p, wireguard::SRC_LANE_PORTS),
+            )),
             destination: Some(kernel_side(
                 &nse_netns,
                 &nse_ifname(&conn.id),
@@ -1652,6 +1701,7 @@ impl Manager {
             wireguard::DST_PUBLIC_KEY.into(),
             st.wireguard_public_key.clone(),
         );
+        set_lane_param(&mut params, wireguard::DST_LANE_PORTS, &st);
         if st.mtu != 0 {
             params
                 .entry(wireguard::MTU.into())
@@ -1976,6 +2026,7 @@ impl Manager {
             && let Some(m) = rec.conn.0.mechanism.as_mut()
             && m.parameters.get(wireguard::DST_PUBLIC_KEY) != Some(&st.wireguard_public_key)
         {
+            set_lane_param(&mut m.parameters, wireguard::DST_LANE_PORTS, &st);
             m.parameters
                 .insert(wireguard::DST_IP.into(), st.underlay_ip.clone());
             m.parameters

@@ -81,6 +81,13 @@ pub mod wireguard {
     pub const DST_PUBLIC_KEY: &str = "dst_public_key";
     /// MTU of the tunnelled connection, in bytes, in decimal.
     pub const MTU: &str = "MTU";
+    /// WireGuard ports of the client-side forwarder's lanes, lane 0 first,
+    /// comma-separated decimal ("51820,51821"); absent means one lane. An
+    /// nsm-rs extension: NSM's own forwarders neither set nor read it, and
+    /// a connection with one of them keeps one lane.
+    pub const SRC_LANE_PORTS: &str = "src_lane_ports";
+    /// As [`SRC_LANE_PORTS`], of the endpoint-side forwarder.
+    pub const DST_LANE_PORTS: &str = "dst_lane_ports";
 
     /// UDP port a WireGuard forwarder listens on unless configured otherwise
     /// (the port NSM and wg-quick use).
@@ -91,6 +98,48 @@ pub mod wireguard {
     /// Bytes WireGuard adds to each packet over an IPv6 underlay: as
     /// [`OVERHEAD_IPV4`] with a 40-byte IPv6 header.
     pub const OVERHEAD_IPV6: u32 = 80;
+
+    /// Lane ports as [`SRC_LANE_PORTS`] carries them.
+    pub fn format_lane_ports(ports: &[u32]) -> String {
+        ports
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Reads a [`SRC_LANE_PORTS`] value. A value that is not a list of
+    /// ports (1..=65535) reads as no list, that is one lane: a peer that
+    /// garbles it loses the extra lanes, not the connection.
+    pub fn parse_lane_ports(value: &str) -> Vec<u32> {
+        let ports: Option<Vec<u32>> = value
+            .split(',')
+            .map(|p| {
+                p.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .map(u32::from)
+            })
+            .collect();
+        ports.unwrap_or_default()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn lane_ports_round_trip_and_garbage_means_one_lane() {
+            let ports = [51820, 51821, 60000];
+            assert_eq!(format_lane_ports(&ports), "51820,51821,60000");
+            assert_eq!(parse_lane_ports(&format_lane_ports(&ports)), ports);
+            assert_eq!(parse_lane_ports("51820"), [51820]);
+            for bad in ["", "51820,", "x", "51820,70000", "0", "51820;51821", "-1"] {
+                assert!(parse_lane_ports(bad).is_empty(), "{bad:?}");
+            }
+        }
+    }
 }
 
 /// Parameter keys of the VXLAN mechanism, for reading NSM peers' requests.

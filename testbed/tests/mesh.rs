@@ -542,3 +542,80 @@ fn cli_restart_brings_a_killed_forwarder_back() {
         "{stderr}"
     );
 }
+
+/// Forwarders started with two lanes (`NSM_FORWARDER_LANES=2`): the demo's
+/// cross-node connection runs on two lanes at both ends, negotiated by the
+/// managers through the WIREGUARD mechanism's lane-port parameters, and
+/// parallel TCP streams use both. A policy that gives the connection a
+/// chain drops both ends to one lane (the client's manager re-requests
+/// through the peer), and traffic still crosses.
+#[test]
+fn connections_run_on_lanes_until_a_chain_needs_one() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        state_root: dir.path().to_path_buf(),
+        progress: false,
+        mesh: true,
+        manager_args: Vec::new(),
+    };
+    let name = unique_lab_name("lanes");
+    let demo =
+        include_str!("../topologies/demo.yaml").replace("name: demo", &format!("name: {name}"));
+    let env = [
+        ("NSM_FORWARDER_WORKERS".to_string(), "2".to_string()),
+        ("NSM_FORWARDER_LANES".to_string(), "2".to_string()),
+    ];
+    let lab = Lab::up_with_env(Topology::parse(&demo).unwrap(), &opts, &env).expect("lab up");
+    let conn = lab
+        .status()
+        .connections
+        .first()
+        .expect("the demo's connection")
+        .clone();
+    assert_eq!(conn.state, "UP", "{conn:?}");
+    let lanes = |node: &str| -> Vec<nsm_proto::forwarder::v1::Lane> {
+        let all = lab.cross_connects(node).expect("List");
+        let wg: Vec<_> = all.into_iter().filter(|x| !x.lanes.is_empty()).collect();
+        assert_eq!(wg.len(), 1, "{node}: one cross-node connection");
+        wg[0].lanes.clone()
+    };
+    assert_eq!(lanes("node-1").len(), 2, "client side");
+    assert_eq!(lanes("node-2").len(), 2, "endpoint side");
+    assert!(ping(&lab, "web", &conn.dst_ip));
+    let iperf = lab
+        .exec(
+            "web",
+            &["iperf3", "-c", &conn.dst_ip, "-P", "8", "-t", "1", "-J"],
+        )
+        .unwrap();
+    assert!(
+        iperf.status.success(),
+        "{}",
+        String::from_utf8_lossy(&iperf.stdout)
+    );
+    for node in ["node-1", "node-2"] {
+        for (k, lane) in lanes(node).iter().enumerate() {
+            assert!(lane.established, "{node} lane {k}: {lane:?}");
+            assert!(
+                lane.rx_packets > 100,
+                "{node} lane {k} carried streams: {lane:?}"
+            );
+        }
+    }
+
+    lab.set_policies_yaml(
+        "policies: [{name: count, match: {service: secure-net}, chain: [{counter: {}}]}]",
+    )
+    .expect("policy");
+    let deadline = Instant::now() + TIMEOUT;
+    while lanes("node-1").len() != 1 || lanes("node-2").len() != 1 {
+        assert!(Instant::now() < deadline, "both ends down to one lane");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        ping(&lab, "web", &conn.dst_ip),
+        "traffic crosses on one lane"
+    );
+    lab.down().expect("down");
+}

@@ -355,14 +355,32 @@ pub fn wireguard(peer_ip: &str, peer_key: &str) -> pb::Side {
 /// A WireGuard side to `peer_port`, the port the peer's status gave for
 /// this cross-connect (0: 51820).
 pub fn wireguard_at(peer_ip: &str, peer_port: u32, peer_key: &str) -> pb::Side {
+    wireguard_lanes(peer_ip, &[peer_port], peer_key)
+}
+
+/// A WireGuard side to the peer's lanes at `ports` (lane 0 first, as the
+/// peer's status listed them; `[0]`: one lane at 51820).
+pub fn wireguard_lanes(peer_ip: &str, ports: &[u32], peer_key: &str) -> pb::Side {
+    let peer_port = ports.first().copied().unwrap_or(0);
     pb::Side {
         kind: Some(pb::side::Kind::Wireguard(pb::WireguardTunnel {
             peer_ip: peer_ip.into(),
             peer_port,
             peer_public_key: peer_key.into(),
             persistent_keepalive_secs: 0,
+            // A manager passes the lanes the peer's status lists.
+            peer_lane_ports: if peer_port == 0 {
+                vec![]
+            } else {
+                ports.to_vec()
+            },
         })),
     }
+}
+
+/// The WireGuard ports of a status's lanes, lane 0 first.
+pub fn lane_ports(st: &pb::CrossConnectStatus) -> Vec<u32> {
+    st.lanes.iter().map(|l| l.wireguard_port).collect()
 }
 
 /// The manager's three-step dance for one cross-node connection: A
@@ -389,14 +407,14 @@ pub async fn connect_pair_via(
 ) -> (pb::CrossConnectStatus, pb::CrossConnectStatus) {
     // Each side sends to the port the other's status names: the packet
     // thread that owns the connection there.
-    let a_req = |port: u32, key: &str| pb::CrossConnect {
+    let a_req = |ports: &[u32], key: &str| pb::CrossConnect {
         id: id.into(),
         source: Some(a_side.clone()),
-        destination: Some(wireguard_at(b_ip, port, key)),
+        destination: Some(wireguard_lanes(b_ip, ports, key)),
         chain: None,
     };
     let a1 = a
-        .program(a_req(0, ""))
+        .program(a_req(&[0], ""))
         .await
         .expect("program A")
         .into_inner();
@@ -408,9 +426,9 @@ pub async fn connect_pair_via(
     let b1 = b
         .program(pb::CrossConnect {
             id: id.into(),
-            source: Some(wireguard_at(
+            source: Some(wireguard_lanes(
                 a_ip,
-                a1.wireguard_port,
+                &lane_ports(&a1),
                 &a1.wireguard_public_key,
             )),
             destination: Some(b_side),
@@ -421,7 +439,7 @@ pub async fn connect_pair_via(
         .into_inner();
     assert_eq!(b1.wireguard_public_key.len(), 44);
     let a2 = a
-        .program(a_req(b1.wireguard_port, &b1.wireguard_public_key))
+        .program(a_req(&lane_ports(&b1), &b1.wireguard_public_key))
         .await
         .expect("re-program A")
         .into_inner();

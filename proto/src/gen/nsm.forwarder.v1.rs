@@ -349,6 +349,12 @@ pub struct WireguardTunnel {
     /// Persistent keepalive interval in seconds; 0 disables it.
     #[prost(uint32, tag = "4")]
     pub persistent_keepalive_secs: u32,
+    /// WireGuard ports of the peer's lanes, lane 0 first (equal to peer_port):
+    /// the peer's CrossConnectStatus.lanes. Empty or one entry: the peer has one
+    /// lane. The cross-connect uses as many lanes as both forwarders have (see
+    /// CrossConnectStatus.lanes); lane k's session goes to peer_lane_ports\[k\].
+    #[prost(uint32, repeated, tag = "5")]
+    pub peer_lane_ports: ::prost::alloc::vec::Vec<u32>,
 }
 /// What the forwarder reports about one cross-connect. Filled by the
 /// forwarder.
@@ -366,7 +372,8 @@ pub struct CrossConnectStatus {
     #[prost(string, tag = "3")]
     pub wireguard_public_key: ::prost::alloc::string::String,
     /// UDP port the peer must send to for this cross-connect (the WireGuard
-    /// socket of the packet thread that owns it); 0 when no side is WireGuard.
+    /// socket of the packet thread that owns it, lane 0's when it has several
+    /// lanes); 0 when no side is WireGuard.
     #[prost(uint32, tag = "4")]
     pub wireguard_port: u32,
     /// Underlay IP the peer must send to; empty when no side is WireGuard.
@@ -385,6 +392,18 @@ pub struct CrossConnectStatus {
     /// (empty without a chain, and while the cross-connect is PENDING).
     #[prost(message, repeated, tag = "9")]
     pub functions: ::prost::alloc::vec::Vec<FunctionCounters>,
+    /// The lanes of a cross-node connection, lane 0 first; empty when no side
+    /// is WireGuard. A lane is one queue of the pod interface (a multi-queue
+    /// TUN/TAP), served by its own packet thread with its own WireGuard session
+    /// to the peer's lane of the same index, so that the connection's flows
+    /// (the kernel hashes each flow to one queue, both ways) spread over
+    /// several cores. A forwarder offers up to its --lanes to a connection
+    /// without a chain (a chain keeps one lane: its state is per connection);
+    /// once the peer's lanes are known the connection keeps the smaller count,
+    /// and it never grows again. Lane 0's port is wireguard_port; the manager
+    /// passes every port to the peer (WireguardTunnel.peer_lane_ports).
+    #[prost(message, repeated, tag = "10")]
+    pub lanes: ::prost::alloc::vec::Vec<Lane>,
 }
 /// Nested message and enum types in `CrossConnectStatus`.
 pub mod cross_connect_status {
@@ -439,6 +458,28 @@ pub mod cross_connect_status {
             }
         }
     }
+}
+/// One lane of a cross-node connection.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Lane {
+    /// UDP port the peer's lane of the same index sends to (the WireGuard
+    /// socket of the packet thread serving this lane).
+    #[prost(uint32, tag = "1")]
+    pub wireguard_port: u32,
+    /// This lane's share of CrossConnectStatus.counters (which sums every
+    /// lane), counted at the source side. Drops are not split by lane.
+    #[prost(uint64, tag = "2")]
+    pub rx_packets: u64,
+    #[prost(uint64, tag = "3")]
+    pub rx_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub tx_packets: u64,
+    #[prost(uint64, tag = "5")]
+    pub tx_bytes: u64,
+    /// Whether this lane's WireGuard session has current keys.
+    #[prost(bool, tag = "6")]
+    pub established: bool,
 }
 /// The counters of one chain function since the chain was built.
 #[allow(clippy::all)]
