@@ -127,7 +127,8 @@ pub struct Config {
     )]
     pub dpdk_port: Option<String>,
 
-    /// Most pod interfaces at once (each cross-connect uses one or two).
+    /// Most pod interface queues at once (a cross-connect uses one or two,
+    /// or one per lane with --lanes).
     #[arg(
         long,
         env = "NSM_FORWARDER_MAX_PORTS",

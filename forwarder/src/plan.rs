@@ -124,9 +124,8 @@ pub struct WgPlan {
     pub lane_ports: Vec<u16>,
 }
 
-/// Lane ports a request may name at most (a forwarder runs at most 64
-/// packet threads).
-pub const MAX_LANES: usize = 64;
+/// Lane ports a request may name at most.
+pub const MAX_LANES: usize = nsm_proto::mechanisms::wireguard::MAX_LANES;
 
 /// One validated side.
 #[derive(Debug, Clone, PartialEq)]
@@ -659,6 +658,12 @@ fn parse_wg(w: &pb::WireguardTunnel, what: &str) -> Result<WgPlan, Refusal> {
             })
         })
         .collect::<Result<Vec<u16>, Refusal>>()?;
+    if let Some(i) = (1..lane_ports.len()).find(|&i| lane_ports[..i].contains(&lane_ports[i])) {
+        return Err(Refusal::invalid(format!(
+            "{what}.wireguard.peer_lane_ports[{i}] {} is named twice",
+            lane_ports[i]
+        )));
+    }
     if let Some(&first) = lane_ports.first()
         && first != port
     {
@@ -1060,6 +1065,10 @@ mod tests {
                 "peer_lane_ports[0] 51831 is not peer_port 51830",
             ),
             (vec![51830; 65], "at most 64"),
+            (
+                vec![51830, 51831, 51830],
+                "peer_lane_ports[2] 51830 is named twice",
+            ),
         ] {
             req.destination = wg(ports);
             let e = parse(&req).map(|_| ()).unwrap_err();

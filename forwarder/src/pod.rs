@@ -55,6 +55,16 @@ pub struct Created {
     pub offload: bool,
 }
 
+impl Created {
+    /// Every fd of the device (closing them all deletes it; see
+    /// `close_devices`).
+    pub fn into_fds(self) -> Vec<OwnedFd> {
+        let mut fds = self.extra_queues;
+        fds.push(self.fd);
+        fds
+    }
+}
+
 /// Creates and configures the interface `plan` describes, with MTU `mtu`
 /// and `queues` queues (at least one), labelled as belonging to
 /// cross-connect `id`. Runs on its own thread; the returned future only

@@ -56,7 +56,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nsm_dataplane::{
     FarEnd, MacAddr, Payload, PodEnd, PortId, PortKind, TapConfig, WgPeer, XconnCounters,
-    XconnSpec, XconnStatus,
+    XconnSnapshot, XconnSpec, XconnStatus,
 };
 use nsm_proto::forwarder::v1 as pb;
 use nsm_proto::forwarder::v1::forwarder_server::Forwarder;
@@ -148,6 +148,8 @@ struct Entry {
     worker: usize,
     /// Lanes 1 and up, for a cross-node connection with several.
     lanes: Vec<Lane>,
+    /// What lanes dropped since carried, so that the totals never go back.
+    retired: XconnSnapshot,
 }
 
 /// A pod interface by (namespace `(st_dev, st_ino)`, name).
@@ -584,7 +586,14 @@ impl ForwarderService {
         let (new_chain, installed, delay) = match built {
             Ok(b) => b,
             Err(e) => {
-                close_devices(made_early.into_iter().flatten().map(|c| c.fd).collect()).await;
+                close_devices(
+                    made_early
+                        .into_iter()
+                        .flatten()
+                        .flat_map(pod::Created::into_fds)
+                        .collect(),
+                )
+                .await;
                 return Err(e);
             }
         };
@@ -603,6 +612,7 @@ impl ForwarderService {
         let mut key = None;
         let mut reused: [Option<PodState>; 2] = [None, None];
         let mut lanes: Vec<Lane> = Vec::new();
+        let mut retired = XconnSnapshot::default();
         let mut prev_counters = None;
         // An update takes the old entry out of the registry: if the rest
         // fails, the cross-connect is gone and watchers must hear so.
@@ -629,6 +639,10 @@ impl ForwarderService {
                 // shrink to what the peer or a chain now allows.
                 let keep = old.lanes.len().min(lanes_wanted.saturating_sub(1));
                 let gone = old.lanes.split_off(keep);
+                retired = gone
+                    .iter()
+                    .filter_map(|l| l.counters.as_ref())
+                    .fold(old.retired, |sum, c| sum + c.snapshot());
                 if !gone.is_empty() {
                     let fds = self.detach_lanes(&mut reg, &id, &gone).await;
                     close_devices(fds).await;
@@ -670,8 +684,14 @@ impl ForwarderService {
                         Ok(c) => c,
                         Err(e) => {
                             self.undo_ports(&mut reg, w, &made).await;
-                            close_devices(made_early.into_iter().flatten().map(|c| c.fd).collect())
-                                .await;
+                            close_devices(
+                                made_early
+                                    .into_iter()
+                                    .flatten()
+                                    .flat_map(pod::Created::into_fds)
+                                    .collect(),
+                            )
+                            .await;
                             return Err(self.failed_update(existed, &id, e).await);
                         }
                     }
@@ -690,7 +710,12 @@ impl ForwarderService {
                 reg.free_port(port);
                 self.undo_ports(&mut reg, w, &made).await;
                 let mut fds: Vec<OwnedFd> = queues.collect();
-                fds.extend(made_early.into_iter().flatten().map(|c| c.fd));
+                fds.extend(
+                    made_early
+                        .into_iter()
+                        .flatten()
+                        .flat_map(pod::Created::into_fds),
+                );
                 close_devices(fds).await;
                 let e = Refusal::new(
                     tonic::Code::Internal,
@@ -718,7 +743,14 @@ impl ForwarderService {
                     fds.extend(queues);
                     close_devices(fds).await;
                     self.undo_ports(&mut reg, w, &made).await;
-                    close_devices(made_early.into_iter().flatten().map(|c| c.fd).collect()).await;
+                    close_devices(
+                        made_early
+                            .into_iter()
+                            .flatten()
+                            .flat_map(pod::Created::into_fds)
+                            .collect(),
+                    )
+                    .await;
                     let e = Refusal::new(
                         tonic::Code::Internal,
                         format!("registering lane {} of {}: {e}", lanes.len() + 1, k.name),
@@ -751,6 +783,11 @@ impl ForwarderService {
         let (spec, lane_specs) = match specs {
             Ok(s) => s,
             Err(e) => {
+                // A reused device's cross-connect may still be programmed.
+                let id_c = id.clone();
+                let _ = worker
+                    .call(move |core| core.dp.remove_xconnect(&id_c).map(drop))
+                    .await;
                 self.undo_ports(&mut reg, w, &all_ports).await;
                 let fds = self.detach_lanes(&mut reg, &id, &lanes).await;
                 close_devices(fds).await;
@@ -765,7 +802,7 @@ impl ForwarderService {
         // old ones, or the new ones unused) is dropped here, off the packet
         // thread.
         let a_port = pods[if a_is_source { 0 } else { 1 }].map(|p| p.port);
-        let (result, _unused_chain, _unused_delay) = worker
+        let programmed_a = worker
             .call(move |core| match spec {
                 Some(spec) => {
                     let is_wg = matches!(spec.b, FarEnd::Wireguard(_));
@@ -791,13 +828,17 @@ impl ForwarderService {
                     (Ok(None), old.or(Some(new_chain)), [old_delay, Some(delay)])
                 }
             })
-            .await
-            .map_err(|e| Refusal::new(tonic::Code::Internal, e.to_string()))?;
+            .await;
         drop(old_installed);
+        let mut result = match programmed_a {
+            Ok((r, _unused_chain, _unused_delay)) => {
+                r.map_err(|e| (tonic::Code::FailedPrecondition, e.to_string()))
+            }
+            Err(gone) => Err((tonic::Code::Internal, gone.to_string())),
+        };
         // Then lanes 1 and up, each in its own packet thread, with the same
         // id (there is one lane per thread) and an empty chain (a lane never
         // has a chain).
-        let mut result = result.map_err(|e| e.to_string());
         if result.is_ok() {
             for (lane, spec) in lanes.iter_mut().zip(lane_specs) {
                 let id_c = id.clone();
@@ -819,8 +860,8 @@ impl ForwarderService {
                     .await;
                 match r {
                     Ok(Ok(c)) => lane.counters = c.or(lane.counters.take()),
-                    Ok(Err(e)) => result = Err(e.to_string()),
-                    Err(e) => result = Err(e.to_string()),
+                    Ok(Err(e)) => result = Err((tonic::Code::FailedPrecondition, e.to_string())),
+                    Err(gone) => result = Err((tonic::Code::Internal, gone.to_string())),
                 }
                 if result.is_err() {
                     break;
@@ -829,7 +870,7 @@ impl ForwarderService {
         }
         let counters = match result {
             Ok(c) => c.or(prev_counters),
-            Err(e) => {
+            Err((code, e)) => {
                 let id_c = id.clone();
                 let _ = worker
                     .call(move |core| core.dp.remove_xconnect(&id_c).map(drop))
@@ -837,7 +878,7 @@ impl ForwarderService {
                 self.undo_ports(&mut reg, w, &all_ports).await;
                 let fds = self.detach_lanes(&mut reg, &id, &lanes).await;
                 close_devices(fds).await;
-                let e = Refusal::new(tonic::Code::FailedPrecondition, e);
+                let e = Refusal::new(code, e);
                 return Err(self.failed_update(existed, &id, e).await);
             }
         };
@@ -855,6 +896,7 @@ impl ForwarderService {
                 chain: programmed.then_some(installed),
                 worker: w,
                 lanes,
+                retired,
             },
         );
         let st = self.statuses(&reg, std::slice::from_ref(&id)).await;
@@ -892,7 +934,12 @@ impl ForwarderService {
             (Ok(a), Ok(b)) => Ok([a, b]),
             (a, b) => {
                 let (made, err): (Vec<_>, Vec<_>) = [a, b].into_iter().partition(Result::is_ok);
-                let fds = made.into_iter().flatten().flatten().map(|c| c.fd).collect();
+                let fds = made
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .flat_map(pod::Created::into_fds)
+                    .collect();
                 close_devices(fds).await;
                 Err(err
                     .into_iter()
@@ -1265,6 +1312,25 @@ fn build_spec(
     }))
 }
 
+/// Whether a connection's lanes, by their WireGuard sessions (`None`: not
+/// programmed), make it up (the first) or down (the second); neither is
+/// pending.
+///
+/// Up while a lane has a session and every lane has had one (a lane that
+/// never made a handshake black-holes the flows the kernel hashes to it);
+/// down once every lane's session expired. A lane that carries no flow lets
+/// its session expire, as an idle connection does, and makes a new one with
+/// its next packet: that is not down. With one lane: up with a session,
+/// down once it expired.
+fn sessions_state(lanes: &[Option<&nsm_dataplane::WgStatus>]) -> (bool, bool) {
+    let established = lanes.iter().any(|w| w.is_some_and(|w| w.established))
+        && lanes
+            .iter()
+            .all(|w| w.is_some_and(|w| w.established || w.last_handshake.is_some()));
+    let expired = !lanes.is_empty() && lanes.iter().all(|w| w.is_some_and(|w| w.expired));
+    (established, expired)
+}
+
 /// The status of entry `e` from each lane's data-plane status `dps` (lane
 /// 0 first; a lane that is not programmed has `None`).
 fn status_of(
@@ -1284,10 +1350,7 @@ fn status_of(
             .and_then(|s| s.wireguard.as_ref())
     };
     let lane_count = 1 + e.lanes.len();
-    // Up once every lane has a session (a lane without one black-holes
-    // the flows the kernel hashes to it); down when any lane expired.
-    let established = (0..lane_count).all(|k| lane_wg(k).is_some_and(|w| w.established));
-    let expired = (0..lane_count).any(|k| lane_wg(k).is_some_and(|w| w.expired));
+    let (established, expired) = sessions_state(&(0..lane_count).map(lane_wg).collect::<Vec<_>>());
     let (state, error) = if dead {
         (
             State::Down,
@@ -1325,7 +1388,8 @@ fn status_of(
         .iter()
         .flatten()
         .map(|c| c.snapshot())
-        .reduce(|a, b| a + b);
+        .reduce(|a, b| a + b)
+        .map(|t| t + e.retired);
     let counters = total.map(|snap| {
         let side = if e.a_is_source { snap.a } else { snap.b };
         pb::Counters {
@@ -1523,5 +1587,49 @@ impl Forwarder for ForwarderService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nsm_dataplane::{PublicKey, StaticSecret, WgStatus};
+
+    fn session(established: bool, handshake: bool, expired: bool) -> WgStatus {
+        let key = PublicKey::from(&StaticSecret::from([7u8; 32]));
+        WgStatus {
+            local_public_key: key,
+            peer_public_key: key,
+            endpoint: "192.0.2.1:51820".parse().expect("addr"),
+            established,
+            last_handshake: handshake.then(Instant::now),
+            expired,
+            tx_bytes: 0,
+            rx_bytes: 0,
+            estimated_loss: 0.0,
+            rtt_ms: None,
+            queued: 0,
+        }
+    }
+
+    #[test]
+    fn lanes_are_up_with_a_session_and_down_when_all_expired() {
+        let up = session(true, true, false);
+        let idle = session(false, true, true);
+        let never = session(false, false, false);
+        let state = sessions_state;
+        // One lane: as before lanes.
+        assert_eq!(state(&[Some(&up)]), (true, false));
+        assert_eq!(state(&[Some(&idle)]), (false, true));
+        assert_eq!(state(&[Some(&never)]), (false, false));
+        assert_eq!(state(&[None]), (false, false));
+        // A lane without flows expires; the connection stays up.
+        assert_eq!(state(&[Some(&up), Some(&idle)]), (true, false));
+        assert_eq!(state(&[Some(&idle), Some(&up)]), (true, false));
+        // A lane that never made a handshake keeps it pending.
+        assert_eq!(state(&[Some(&up), Some(&never)]), (false, false));
+        assert_eq!(state(&[Some(&up), None]), (false, false));
+        // Every lane expired: down.
+        assert_eq!(state(&[Some(&idle), Some(&idle)]), (false, true));
     }
 }

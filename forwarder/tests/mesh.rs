@@ -1256,6 +1256,7 @@ fn one_connection_spreads_its_flows_over_lanes() {
                 .expect("one cross-connect")
         })
     };
+    let a_before = status(&fa).counters.expect("counters");
     for (name, st) in [("A", status(&fa)), ("B", status(&fb))] {
         assert_eq!(
             st.state,
@@ -1318,6 +1319,11 @@ fn one_connection_spreads_its_flows_over_lanes() {
         a1
     });
     assert_eq!(lane_ports(&a1), [51820], "A keeps one lane");
+    let a_after = a1.counters.clone().expect("counters");
+    assert!(
+        a_after.rx_packets >= a_before.rx_packets && a_after.tx_bytes >= a_before.tx_bytes,
+        "the dropped lane's traffic stays counted: {a_before:?} then {a_after:?}"
+    );
     assert_eq!(a1.wireguard_public_key, a.wireguard_public_key, "same key");
     assert_eq!((queues(&pa, "nsm-1"), queues(&pb_, "nsm-1")), (1, 1));
     assert!(

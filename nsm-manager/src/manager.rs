@@ -441,12 +441,13 @@ fn set_lane_param(params: &mut HashMap<String, String>, key: &str, st: &CrossCon
     }
 }
 
-/// The peer's lane ports a mechanism's parameters name under `key`
-/// (empty: one lane).
-fn lane_param(params: &HashMap<String, String>, key: &str) -> Vec<u32> {
+/// The peer's lane ports a mechanism's parameters name under `key`, for a
+/// peer whose lane 0 is `port` (empty: one lane; see
+/// [`wireguard::parse_lane_ports`]).
+fn lane_param(params: &HashMap<String, String>, key: &str, port: u32) -> Vec<u32> {
     params
         .get(key)
-        .map(|v| wireguard::parse_lane_ports(v))
+        .map(|v| wireguard::parse_lane_ports(v, port))
         .unwrap_or_default()
 }
 
@@ -670,10 +671,19 @@ impl Manager {
         self.conns.put(id, rec.clone())?;
         if st.lanes.len().max(1) < peer {
             // A chain keeps one lane: the peer must stop using the others,
-            // which only a new request through it tells it.
+            // which only a new request through it tells it. The chain is
+            // in either way; a managed connection that cannot be
+            // re-requested is DOWN and retried, another one is brought in
+            // line by its client's next refresh.
             tracing::info!(id = %id, lanes = st.lanes.len(), "fewer lanes with a chain; re-requesting");
             drop(_g);
-            self.refresh(&rec).await?;
+            if let Err(e) = self.refresh(&rec).await {
+                if rec.managed {
+                    self.mark_down(id, &rec, &e).await;
+                } else {
+                    tracing::warn!(id = %id, error = %e, "re-requesting with fewer lanes failed; the peer keeps its lanes until the client's next refresh");
+                }
+            }
         }
         Ok(())
     }
@@ -1556,7 +1566,7 @@ impl Manager {
             .get(wireguard::DST_PUBLIC_KEY)
             .cloned()
             .unwrap_or_default();
-        let dst_lanes = lane_param(&rp, wireguard::DST_LANE_PORTS);
+        let dst_lanes = lane_param(&rp, wireguard::DST_LANE_PORTS, dst_port);
         if dst_ip.is_empty() || dst_key.is_empty() {
             if new {
                 self.close_endpoint(&peer_url, &reply).await;
@@ -1673,7 +1683,7 @@ impl Manager {
                 &src_ip,
                 src_port,
                 &src_key,
-                &lane_param(p, wireguard::SRC_LANE_PORTS),
+                &lane_param(p, wireguard::SRC_LANE_PORTS, src_port),
             )),
             destination: Some(kernel_side(
                 &nse_netns,

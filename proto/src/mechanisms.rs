@@ -108,10 +108,16 @@ pub mod wireguard {
             .join(",")
     }
 
-    /// Reads a [`SRC_LANE_PORTS`] value. A value that is not a list of
-    /// ports (1..=65535) reads as no list, that is one lane: a peer that
-    /// garbles it loses the extra lanes, not the connection.
-    pub fn parse_lane_ports(value: &str) -> Vec<u32> {
+    /// Lanes a connection may have at most (a forwarder runs at most 64
+    /// packet threads).
+    pub const MAX_LANES: usize = 64;
+
+    /// Reads a [`SRC_LANE_PORTS`] value of a peer whose lane 0 is `port`
+    /// (its `src_port`/`dst_port`). A value that is not a list of distinct
+    /// ports (1..=65535) starting with `port`, at most [`MAX_LANES`] long,
+    /// reads as no list, that is one lane: a peer that garbles it loses the
+    /// extra lanes, not the connection.
+    pub fn parse_lane_ports(value: &str, port: u32) -> Vec<u32> {
         let ports: Option<Vec<u32>> = value
             .split(',')
             .map(|p| {
@@ -122,7 +128,16 @@ pub mod wireguard {
                     .map(u32::from)
             })
             .collect();
-        ports.unwrap_or_default()
+        let ports = ports.unwrap_or_default();
+        let distinct = ports
+            .iter()
+            .enumerate()
+            .all(|(i, p)| !ports[..i].contains(p));
+        if ports.first() == Some(&port) && ports.len() <= MAX_LANES && distinct {
+            ports
+        } else {
+            Vec::new()
+        }
     }
 
     #[cfg(test)]
@@ -133,11 +148,23 @@ pub mod wireguard {
         fn lane_ports_round_trip_and_garbage_means_one_lane() {
             let ports = [51820, 51821, 60000];
             assert_eq!(format_lane_ports(&ports), "51820,51821,60000");
-            assert_eq!(parse_lane_ports(&format_lane_ports(&ports)), ports);
-            assert_eq!(parse_lane_ports("51820"), [51820]);
-            for bad in ["", "51820,", "x", "51820,70000", "0", "51820;51821", "-1"] {
-                assert!(parse_lane_ports(bad).is_empty(), "{bad:?}");
+            assert_eq!(parse_lane_ports(&format_lane_ports(&ports), 51820), ports);
+            assert_eq!(parse_lane_ports("51820", 51820), [51820]);
+            let many = format_lane_ports(&(1000..1065).collect::<Vec<_>>());
+            for bad in [
+                "",
+                "51820,",
+                "x",
+                "51820,70000",
+                "0",
+                "51820;51821",
+                "-1",
+                "51821,51820",
+                "51820,51821,51821",
+            ] {
+                assert!(parse_lane_ports(bad, 51820).is_empty(), "{bad:?}");
             }
+            assert!(parse_lane_ports(&many, 1000).is_empty(), "65 lanes");
         }
     }
 }
