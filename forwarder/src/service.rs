@@ -220,6 +220,14 @@ impl Registry {
     }
 }
 
+/// Every fd of the devices a Program made (for [`close_devices`]).
+fn device_fds(made: [Option<pod::Created>; 2]) -> Vec<OwnedFd> {
+    made.into_iter()
+        .flatten()
+        .flat_map(pod::Created::into_fds)
+        .collect()
+}
+
 /// Waits until each of `closes` is done.
 async fn wait_all(closes: Vec<Arc<Mutex<()>>>) {
     for done in closes {
@@ -586,14 +594,7 @@ impl ForwarderService {
         let (new_chain, installed, delay) = match built {
             Ok(b) => b,
             Err(e) => {
-                close_devices(
-                    made_early
-                        .into_iter()
-                        .flatten()
-                        .flat_map(pod::Created::into_fds)
-                        .collect(),
-                )
-                .await;
+                close_devices(device_fds(made_early)).await;
                 return Err(e);
             }
         };
@@ -684,14 +685,7 @@ impl ForwarderService {
                         Ok(c) => c,
                         Err(e) => {
                             self.undo_ports(&mut reg, w, &made).await;
-                            close_devices(
-                                made_early
-                                    .into_iter()
-                                    .flatten()
-                                    .flat_map(pod::Created::into_fds)
-                                    .collect(),
-                            )
-                            .await;
+                            close_devices(device_fds(made_early)).await;
                             return Err(self.failed_update(existed, &id, e).await);
                         }
                     }
@@ -710,12 +704,7 @@ impl ForwarderService {
                 reg.free_port(port);
                 self.undo_ports(&mut reg, w, &made).await;
                 let mut fds: Vec<OwnedFd> = queues.collect();
-                fds.extend(
-                    made_early
-                        .into_iter()
-                        .flatten()
-                        .flat_map(pod::Created::into_fds),
-                );
+                fds.extend(device_fds(made_early));
                 close_devices(fds).await;
                 let e = Refusal::new(
                     tonic::Code::Internal,
@@ -743,14 +732,7 @@ impl ForwarderService {
                     fds.extend(queues);
                     close_devices(fds).await;
                     self.undo_ports(&mut reg, w, &made).await;
-                    close_devices(
-                        made_early
-                            .into_iter()
-                            .flatten()
-                            .flat_map(pod::Created::into_fds)
-                            .collect(),
-                    )
-                    .await;
+                    close_devices(device_fds(made_early)).await;
                     let e = Refusal::new(
                         tonic::Code::Internal,
                         format!("registering lane {} of {}: {e}", lanes.len() + 1, k.name),

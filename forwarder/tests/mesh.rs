@@ -1079,41 +1079,13 @@ fn connections_spread_over_workers() {
         assert!(pa.ping(dst, WAIT), "ping over w{i}\n{}", fa.log_text());
     }
     // All three at once: one TCP stream each, 256 KiB echoed back.
-    let data: Vec<u8> = (0..=255u8).cycle().take(256 << 10).collect();
-    let streams: Vec<_> = (0..3)
-        .map(|i| {
-            let at = sa(&format!("203.0.113.{}:7100", 10 + i));
-            let l = pb_.tcp_listen(at);
-            let server = std::thread::spawn(move || {
-                let (mut s, _) = l.accept().expect("accept");
-                let mut buf = vec![0; 256 << 10];
-                s.read_exact(&mut buf).expect("server read");
-                s.write_all(&buf).expect("server write");
-            });
-            let c = pa.tcp_connect(at);
-            c.set_read_timeout(Some(WAIT)).expect("timeout");
-            (c, server)
-        })
+    let to: Vec<SocketAddr> = (0..3)
+        .map(|i| sa(&format!("203.0.113.{}:7100", 10 + i)))
         .collect();
-    let clients: Vec<_> = streams
-        .into_iter()
-        .map(|(mut c, server)| {
-            let data = data.clone();
-            std::thread::spawn(move || {
-                c.write_all(&data).expect("client write");
-                let mut back = vec![0; data.len()];
-                c.read_exact(&mut back).expect("client read");
-                server.join().expect("server");
-                back == data
-            })
-        })
-        .collect();
-    for (i, c) in clients.into_iter().enumerate() {
-        assert!(
-            c.join().expect("client"),
-            "stream over w{i} came back intact"
-        );
-    }
+    assert!(
+        echo_streams(&pa, &pb_, &to, 256 << 10),
+        "every stream came back intact"
+    );
     let mut seen = std::collections::BTreeSet::new();
     for f in cap.finish() {
         if u16::from_be_bytes([f[12], f[13]]) == 0x0800 && f[14 + 9] == 17 {
@@ -1144,14 +1116,14 @@ fn connections_spread_over_workers() {
     assert!(pa.ping(ip("203.0.113.10"), WAIT), "w0 unaffected");
 }
 
-/// TCP streams from pod A to pod B, each `len` bytes echoed back; true
-/// when every stream came back intact. Stream i goes to port `port + i`,
-/// so each is a flow of its own.
-fn echo_streams(pa: &Netns, pb: &Netns, dst: &str, port: u16, n: u16, len: usize) -> bool {
+/// TCP streams from pod A to pod B at once, one to each of `to` (a flow
+/// each), each `len` bytes echoed back; true when every stream came back
+/// intact.
+fn echo_streams(pa: &Netns, pb: &Netns, to: &[SocketAddr], len: usize) -> bool {
     let data: Vec<u8> = (0..=255u8).cycle().take(len).collect();
-    let streams: Vec<_> = (0..n)
-        .map(|i| {
-            let at = sa(&format!("{dst}:{}", port + i));
+    let streams: Vec<_> = to
+        .iter()
+        .map(|&at| {
             let l = pb.tcp_listen(at);
             let server = std::thread::spawn(move || {
                 let (mut s, _) = l.accept().expect("accept");
@@ -1178,6 +1150,13 @@ fn echo_streams(pa: &Netns, pb: &Netns, dst: &str, port: u16, n: u16, len: usize
         })
         .collect();
     clients.into_iter().all(|c| c.join().expect("client"))
+}
+
+/// `n` addresses of `ip` from port `first` up.
+fn ports_of(ip: &str, first: u16, n: u16) -> Vec<SocketAddr> {
+    (first..first + n)
+        .map(|p| sa(&format!("{ip}:{p}")))
+        .collect()
 }
 
 /// Segments the TCP stack of `pod` received out of order, so far.
@@ -1235,7 +1214,7 @@ fn one_connection_spreads_its_flows_over_lanes() {
     // Sixteen flows: the kernel hashes them over both queues (all on one
     // lane has odds of 2 in 65536).
     assert!(
-        echo_streams(&pa, &pb_, "198.51.100.2", 7200, 16, 64 << 10),
+        echo_streams(&pa, &pb_, &ports_of("198.51.100.2", 7200, 16), 64 << 10),
         "every stream came back intact\n{}\n{}",
         fa.log_text(),
         fb.log_text()
@@ -1327,7 +1306,7 @@ fn one_connection_spreads_its_flows_over_lanes() {
     assert_eq!(a1.wireguard_public_key, a.wireguard_public_key, "same key");
     assert_eq!((queues(&pa, "nsm-1"), queues(&pb_, "nsm-1")), (1, 1));
     assert!(
-        echo_streams(&pa, &pb_, "198.51.100.2", 7300, 4, 16 << 10),
+        echo_streams(&pa, &pb_, &ports_of("198.51.100.2", 7300, 4), 16 << 10),
         "streams cross on one lane"
     );
 }
@@ -1361,7 +1340,12 @@ fn lanes_are_the_fewer_both_forwarders_offer() {
     assert_eq!((lane_ports(&a), lane_ports(&b)), (vec![51820], vec![51820]));
     assert_eq!(queues(&pa, "nsm-1"), 1, "A's second queue is gone");
     assert!(pa.ping(ip("198.51.100.2"), WAIT), "{}", fa.log_text());
-    assert!(echo_streams(&pa, &pb_, "198.51.100.2", 7400, 4, 16 << 10));
+    assert!(echo_streams(
+        &pa,
+        &pb_,
+        &ports_of("198.51.100.2", 7400, 4),
+        16 << 10
+    ));
 }
 
 /// A port range past 65535, a worker count of 0, and DPDK options in a

@@ -14,6 +14,15 @@ use nsm_testbed::{Topology, sys};
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn up(topology: &str, manager_args: &[&str]) -> (tempfile::TempDir, Lab) {
+    up_with_env(topology, manager_args, &[])
+}
+
+/// [`up`] with extra environment for every process of the lab.
+fn up_with_env(
+    topology: &str,
+    manager_args: &[&str],
+    env: &[(String, String)],
+) -> (tempfile::TempDir, Lab) {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let opts = Options {
@@ -22,8 +31,12 @@ fn up(topology: &str, manager_args: &[&str]) -> (tempfile::TempDir, Lab) {
         mesh: true,
         manager_args: manager_args.iter().map(|s| s.to_string()).collect(),
     };
-    let lab = Lab::up(Topology::parse(topology).expect("valid topology"), &opts)
-        .expect("lab comes up with its mesh");
+    let lab = Lab::up_with_env(
+        Topology::parse(topology).expect("valid topology"),
+        &opts,
+        env,
+    )
+    .expect("lab comes up with its mesh");
     assert!(
         lab.missing_binaries().is_empty(),
         "mesh binaries not built: {:?} (the test command builds them first)",
@@ -551,14 +564,6 @@ fn cli_restart_brings_a_killed_forwarder_back() {
 /// through the peer), and traffic still crosses.
 #[test]
 fn connections_run_on_lanes_until_a_chain_needs_one() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let opts = Options {
-        state_root: dir.path().to_path_buf(),
-        progress: false,
-        mesh: true,
-        manager_args: Vec::new(),
-    };
     let name = unique_lab_name("lanes");
     let demo =
         include_str!("../topologies/demo.yaml").replace("name: demo", &format!("name: {name}"));
@@ -566,7 +571,7 @@ fn connections_run_on_lanes_until_a_chain_needs_one() {
         ("NSM_FORWARDER_WORKERS".to_string(), "2".to_string()),
         ("NSM_FORWARDER_LANES".to_string(), "2".to_string()),
     ];
-    let lab = Lab::up_with_env(Topology::parse(&demo).unwrap(), &opts, &env).expect("lab up");
+    let (_dir, lab) = up_with_env(&demo, &[], &env);
     let conn = lab
         .status()
         .connections
