@@ -168,6 +168,14 @@ impl Plan {
         [&self.source, &self.destination]
     }
 
+    /// The WireGuard side, for a cross-node connection.
+    pub fn wireguard(&self) -> Option<&WgPlan> {
+        self.sides().into_iter().find_map(|s| match s {
+            SidePlan::Wireguard(w) => Some(w),
+            SidePlan::Kernel(_) => None,
+        })
+    }
+
     /// The MTU of the pod interfaces: the smallest requested one, or the
     /// underlay's minus the WireGuard overhead.
     pub fn effective_mtu(&self, derived: u32) -> u32 {

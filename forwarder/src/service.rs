@@ -380,11 +380,9 @@ impl ForwarderService {
     /// a WireGuard side without a chain, cut to the peer's count once the
     /// peer is known (a peer that names no lane ports has one).
     fn lane_offer(&self, plan: &Plan) -> usize {
-        let wg = plan.sides().into_iter().find_map(|s| match s {
-            SidePlan::Wireguard(w) => Some(w),
-            SidePlan::Kernel(_) => None,
-        });
-        let Some(wg) = wg else { return 1 };
+        let Some(wg) = plan.wireguard() else {
+            return 1;
+        };
         if !plan.chain.spec.functions.is_empty() {
             return 1;
         }
@@ -655,10 +653,7 @@ impl ForwarderService {
                 close_devices(fds).await;
             }
         }
-        let has_wg = plan
-            .sides()
-            .iter()
-            .any(|s| matches!(s, SidePlan::Wireguard(_)));
+        let has_wg = plan.wireguard().is_some();
         if has_wg && key.is_none() {
             key = Some(PrivateKey::generate().map_err(|e| {
                 Refusal::new(tonic::Code::Internal, format!("generating a key: {e}"))
@@ -695,12 +690,7 @@ impl ForwarderService {
             let kind = port_kind(k, port);
             let (fd, offload) = (created.fd, created.offload);
             let mut queues = created.extra_queues.into_iter();
-            let added = worker
-                .call(move |core| core.add_port(port, kind, fd, offload))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
-            if let Err(e) = added {
+            if let Err(e) = self.add_port(w, port, kind, fd, offload).await {
                 reg.free_port(port);
                 self.undo_ports(&mut reg, w, &made).await;
                 let mut fds: Vec<OwnedFd> = queues.collect();
@@ -721,18 +711,14 @@ impl ForwarderService {
                 let lane_worker = (w + lanes.len() + 1) % workers;
                 let lane_port = reg.alloc_port();
                 let added = self
-                    .worker(lane_worker)
-                    .call(move |core| core.add_port(lane_port, kind, fd, offload))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r);
+                    .add_port(lane_worker, lane_port, kind, fd, offload)
+                    .await;
                 if let Err(e) = added {
                     reg.free_port(lane_port);
-                    let mut fds = self.detach_lanes(&mut reg, &id, &lanes).await;
-                    fds.extend(queues);
+                    self.undo_program(&mut reg, w, &id, &made, &lanes).await;
+                    let mut fds: Vec<OwnedFd> = queues.collect();
+                    fds.extend(device_fds(made_early));
                     close_devices(fds).await;
-                    self.undo_ports(&mut reg, w, &made).await;
-                    close_devices(device_fds(made_early)).await;
                     let e = Refusal::new(
                         tonic::Code::Internal,
                         format!("registering lane {} of {}: {e}", lanes.len() + 1, k.name),
@@ -765,14 +751,8 @@ impl ForwarderService {
         let (spec, lane_specs) = match specs {
             Ok(s) => s,
             Err(e) => {
-                // A reused device's cross-connect may still be programmed.
-                let id_c = id.clone();
-                let _ = worker
-                    .call(move |core| core.dp.remove_xconnect(&id_c).map(drop))
+                self.undo_program(&mut reg, w, &id, &all_ports, &lanes)
                     .await;
-                self.undo_ports(&mut reg, w, &all_ports).await;
-                let fds = self.detach_lanes(&mut reg, &id, &lanes).await;
-                close_devices(fds).await;
                 return Err(self.failed_update(existed, &id, e).await);
             }
         };
@@ -853,13 +833,8 @@ impl ForwarderService {
         let counters = match result {
             Ok(c) => c.or(prev_counters),
             Err((code, e)) => {
-                let id_c = id.clone();
-                let _ = worker
-                    .call(move |core| core.dp.remove_xconnect(&id_c).map(drop))
+                self.undo_program(&mut reg, w, &id, &all_ports, &lanes)
                     .await;
-                self.undo_ports(&mut reg, w, &all_ports).await;
-                let fds = self.detach_lanes(&mut reg, &id, &lanes).await;
-                close_devices(fds).await;
                 let e = Refusal::new(code, e);
                 return Err(self.failed_update(existed, &id, e).await);
             }
@@ -1018,6 +993,44 @@ impl ForwarderService {
             });
         }
         err
+    }
+
+    /// Undoes a Program of `id` that failed once its devices were
+    /// registered: takes lane 0's cross-connect out of worker `w`'s data
+    /// plane (a reused device's may still be there), forgets `ports` on
+    /// `w` and every lane of `lanes`, and closes their devices.
+    async fn undo_program(
+        &self,
+        reg: &mut Registry,
+        w: usize,
+        id: &str,
+        ports: &[PortId],
+        lanes: &[Lane],
+    ) {
+        let id_c = id.to_string();
+        let _ = self
+            .worker(w)
+            .call(move |core| core.dp.remove_xconnect(&id_c).map(drop))
+            .await;
+        self.undo_ports(reg, w, ports).await;
+        let fds = self.detach_lanes(reg, id, lanes).await;
+        close_devices(fds).await;
+    }
+
+    /// Registers pod device queue `fd` as `port` with packet thread `w`.
+    async fn add_port(
+        &self,
+        w: usize,
+        port: PortId,
+        kind: PortKind,
+        fd: OwnedFd,
+        offload: bool,
+    ) -> Result<(), String> {
+        self.worker(w)
+            .call(move |core| core.add_port(port, kind, fd, offload))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
     }
 
     /// Forgets ports made on worker `w` by a Program that then failed
@@ -1221,12 +1234,8 @@ fn lane_spec(spec: &XconnSpec, plan: &Plan, k: usize, port: PortId) -> Result<Xc
     spec.a.port = port;
     if let FarEnd::Wireguard(peer) = &mut spec.b {
         let lane_port = plan
-            .sides()
-            .into_iter()
-            .find_map(|s| match s {
-                SidePlan::Wireguard(w) => w.lane_ports.get(k).copied(),
-                SidePlan::Kernel(_) => None,
-            })
+            .wireguard()
+            .and_then(|w| w.lane_ports.get(k).copied())
             .ok_or_else(|| {
                 Refusal::new(tonic::Code::Internal, format!("lane {k} has no peer port"))
             })?;
@@ -1358,22 +1367,21 @@ fn status_of(
         .and_then(|t| wall.checked_sub(now.saturating_duration_since(t)))
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    // The proto counts at the source side.
-    let source_side = |c: &XconnCounters| {
-        let snap = c.snapshot();
-        if e.a_is_source { snap.a } else { snap.b }
-    };
-    let lane_counters: Vec<Option<XconnCounters>> = std::iter::once(e.counters.clone())
-        .chain(e.lanes.iter().map(|l| l.counters.clone()))
+    // Each lane's counters read once, so that the lanes add up to the
+    // total; the proto counts at the source side.
+    let source_side = |snap: &XconnSnapshot| if e.a_is_source { snap.a } else { snap.b };
+    let lane_snaps: Vec<Option<XconnSnapshot>> = std::iter::once(&e.counters)
+        .chain(e.lanes.iter().map(|l| &l.counters))
+        .map(|c| c.as_ref().map(XconnCounters::snapshot))
         .collect();
-    let total = lane_counters
+    let total = lane_snaps
         .iter()
         .flatten()
-        .map(|c| c.snapshot())
+        .copied()
         .reduce(|a, b| a + b)
         .map(|t| t + e.retired);
     let counters = total.map(|snap| {
-        let side = if e.a_is_source { snap.a } else { snap.b };
+        let side = source_side(&snap);
         pb::Counters {
             rx_packets: side.rx_packets,
             rx_bytes: side.rx_bytes,
@@ -1392,10 +1400,10 @@ fn status_of(
     let lanes = if wg {
         std::iter::once(e.worker)
             .chain(e.lanes.iter().map(|l| l.worker))
-            .zip(&lane_counters)
+            .zip(&lane_snaps)
             .enumerate()
-            .map(|(k, (worker, c))| {
-                let side = c.as_ref().map(source_side).unwrap_or_default();
+            .map(|(k, (worker, snap))| {
+                let side = snap.as_ref().map(source_side).unwrap_or_default();
                 pb::Lane {
                     wireguard_port: port_of(worker),
                     rx_packets: side.rx_packets,
